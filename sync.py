@@ -1,0 +1,1246 @@
+"""sync.py: keep REPLICA an exact one-way mirror of SOURCE.
+
+    python sync.py SOURCE REPLICA INTERVAL LOG_FILE [options]
+
+What a pass guarantees
+----------------------
+After a pass that reports no errors, REPLICA holds exactly the relative paths
+of SOURCE, and each path is the same kind of entry (regular file, directory,
+symbolic link):
+
+* files have the same bytes, permission bits and modification time
+  (nanoseconds where the file system keeps them);
+* directories have the same permission bits (read-only ones included, applied
+  after their contents are written) and modification time; empty directories
+  are mirrored;
+* symbolic links are recreated with the same target text and are never
+  followed, on either side;
+* everything else under REPLICA is removed.
+
+SOURCE is only ever read.  A replica file is current when its size and mtime
+*equal* the source's (never "newer than"); ``checksum=True`` also compares the
+bytes.  Files are written to a uniquely named temporary file in the target
+directory and moved over the final name with ``os.replace``, so a process
+killed at any moment leaves each file either complete-old or complete-new;
+leftover temporary files are removed by the next pass.  Errors are per item: an
+entry that cannot be read or written is reported and skipped, the pass goes on,
+and the next pass retries it.  A source directory that cannot be listed never
+looks empty: nothing under its replica counterpart is deleted.  Special files
+(FIFOs, sockets, devices) are never opened; they are skipped with a warning.
+
+Where the OS allows (Linux, macOS, BSD) every operation inside the trees is made
+relative to an open directory file descriptor with O_NOFOLLOW, as
+``shutil.rmtree`` does, so a symbolic link swapped into either tree cannot
+redirect a read, a write or a deletion, and path length is not limited by
+PATH_MAX.  The walk keeps an explicit stack, so depth is not limited by
+Python's recursion limit.
+
+The core (everything above ``main``) never prints and never exits: it reports
+what it does through a callback, returns results and raises.  Only ``main()``
+turns them into log lines, messages and exit codes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import logging
+import logging.handlers
+import math
+import os
+import re
+import secrets
+import signal
+import stat
+import sys
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Callable, NamedTuple, Optional
+
+__version__ = "0.1.0"
+
+# ---------------------------------------------------------------- constants --
+
+EXIT_OK = 0  # the replica is an exact mirror (or the loop was stopped)
+EXIT_FAILED = 1  # at least one item could not be mirrored
+EXIT_USAGE = 2  # bad arguments or a precondition failed; nothing was changed
+
+# Temporary files are named so that they can never collide with each other and
+# are recognised by a later pass: ".syncpy-<16 hex digits>.tmp".  The name has a
+# fixed length, so a 255-byte source name still gets a valid temporary name.
+TEMP_PREFIX = ".syncpy-"
+TEMP_SUFFIX = ".tmp"
+_TEMP_NAME = re.compile(r"\.syncpy-[0-9a-f]{16}\.tmp\Z")
+
+COPY_CHUNK = 1 << 20  # bytes per read for the buffered copy and comparisons
+
+_O_BINARY = getattr(os, "O_BINARY", 0)
+_O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+_O_DIRECTORY = getattr(os, "O_DIRECTORY", 0)
+_O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+_O_NONBLOCK = getattr(os, "O_NONBLOCK", 0)  # a FIFO swapped in must not block open()
+_O_NOATIME = getattr(os, "O_NOATIME", 0)  # reading should not touch the source's atime
+
+# Directory file descriptors, where the platform has every call we need.
+_DIR_FD = (
+    {os.open, os.stat, os.mkdir, os.rmdir, os.unlink, os.rename, os.readlink, os.symlink}
+    <= os.supports_dir_fd
+    and os.scandir in os.supports_fd
+    and os.chmod in os.supports_fd
+    and os.utime in os.supports_fd
+    and bool(_O_NOFOLLOW)
+)
+
+# Kinds of entry.
+FILE = "file"
+DIR = "directory"
+LINK = "link"
+SPECIAL = "special file"
+
+# ------------------------------------------------------------- small types --
+
+
+class Entry(NamedTuple):
+    """One directory entry as lstat saw it (st is None for links)."""
+
+    kind: str
+    st: Optional[os.stat_result]
+    target: Optional[str] = None  # link target text
+
+
+class Event(NamedTuple):
+    """Something a pass did, would do (dry run), or failed to do.
+
+    action is one of ACTIONS; path is relative to the mirror root, with "/"
+    between components ("" is the root itself).
+    """
+
+    action: str
+    path: str
+    detail: str = ""
+
+
+# Every action a pass reports, and the severity main() logs it at.
+ACTIONS = {
+    "mkdir": logging.INFO,  # created a directory
+    "copy": logging.INFO,  # copied a new file
+    "update": logging.INFO,  # replaced a changed file
+    "link": logging.INFO,  # created a symbolic link
+    "relink": logging.INFO,  # replaced a symbolic link whose target changed
+    "chmod": logging.INFO,  # changed permission bits only
+    "remove": logging.INFO,  # removed a file, link or special file
+    "rmdir": logging.INFO,  # removed a directory
+    "temp": logging.INFO,  # removed a temporary file left by an interrupted pass
+    "vanished": logging.INFO,  # a source file disappeared before it could be copied
+    "skip": logging.WARNING,  # a source entry that is never mirrored (special file)
+    "changed": logging.WARNING,  # a source file changed while it was being copied
+    "overrun": logging.WARNING,  # a pass took longer than the interval
+    "error": logging.ERROR,  # an item could not be mirrored
+}
+
+
+@dataclass
+class Options:
+    """How a pass behaves."""
+
+    checksum: bool = False  # also compare bytes when size and mtime are equal
+    dry_run: bool = False  # report what would be done, change nothing
+
+
+@dataclass
+class PassResult:
+    """What one pass did."""
+
+    counts: Counter = field(default_factory=Counter)  # action -> number of events
+    bytes_copied: int = 0
+    errors: int = 0
+    duration: float = 0.0
+    interrupted: bool = False  # stopped early on request
+
+    @property
+    def exact(self) -> bool:
+        """True when the replica is now an exact mirror of the source."""
+        unsettled = self.counts["changed"] + self.counts["vanished"]
+        return not (self.errors or self.interrupted or unsettled)
+
+
+class UsageError(Exception):
+    """Bad arguments or a failed precondition: nothing has been changed."""
+
+
+class _Vanished(Exception):
+    """The source file disappeared between listing and copying."""
+
+
+class _NotRegular(Exception):
+    """The source name no longer refers to a regular file."""
+
+
+def _ignore(event: Event) -> None:
+    pass
+
+
+# ---------------------------------------------- directories, scanning, comparing --
+#
+# A "directory handle" is an open file descriptor where _DIR_FD holds and a
+# path elsewhere.  _at() turns a handle and a name into the (path, dir_fd) pair
+# that os functions take, so the rest of the code is the same on both.
+
+if _DIR_FD:
+
+    def _at(d, name):
+        return name, d
+
+    def _open_dir(d, name):
+        """Open the directory NAME inside D without following a link."""
+        return os.open(name, os.O_RDONLY | _O_DIRECTORY | _O_NOFOLLOW | _O_CLOEXEC, dir_fd=d)
+
+    def _open_root(path):
+        # The roots the user named may be links (followed once, on purpose).
+        return os.open(path, os.O_RDONLY | _O_DIRECTORY | _O_CLOEXEC)
+
+    def _close_dir(d):
+        os.close(d)
+
+else:  # pragma: no cover - exercised on Windows only
+
+    def _at(d, name):
+        return os.path.join(d, name), None
+
+    def _open_dir(d, name):
+        path = os.path.join(d, name)
+        if not stat.S_ISDIR(os.lstat(path).st_mode):
+            raise NotADirectoryError(errno.ENOTDIR, "Not a directory", path)
+        return path
+
+    def _open_root(path):
+        if not os.path.isdir(path):
+            raise NotADirectoryError(errno.ENOTDIR, "Not a directory", path)
+        return path
+
+    def _close_dir(d):
+        pass
+
+
+def _kind(mode: int) -> str:
+    if stat.S_ISREG(mode):
+        return FILE
+    if stat.S_ISDIR(mode):
+        return DIR
+    if stat.S_ISLNK(mode):
+        return LINK
+    return SPECIAL
+
+
+def _scan(d) -> tuple[dict, list]:
+    """List one directory without following links.
+
+    Returns {name: Entry} and [(name, OSError)] for entries that were listed but
+    could not be examined.  An entry that vanished since it was listed is
+    simply absent.  Raises OSError when the directory itself cannot be listed.
+    """
+    entries, failed = {}, []
+    with os.scandir(d) as listing:
+        for item in listing:
+            name = item.name
+            try:
+                if item.is_symlink():  # answered by d_type: no stat needed
+                    path, fd = _at(d, name)
+                    entries[name] = Entry(LINK, None, os.readlink(path, dir_fd=fd))
+                else:
+                    st = item.stat(follow_symlinks=False)
+                    entries[name] = Entry(_kind(st.st_mode), st)
+            except FileNotFoundError:
+                continue
+            except OSError as err:
+                failed.append((name, err))
+    return entries, failed
+
+
+def _same_signature(a: os.stat_result, b: os.stat_result) -> bool:
+    """Size and mtime equal: the cheap test, as filecmp._sig does."""
+    return a.st_size == b.st_size and a.st_mtime_ns == b.st_mtime_ns
+
+
+def _open_source_file(d, name) -> int:
+    """Open a source file for reading: no link followed, no FIFO blocking."""
+    path, fd = _at(d, name)
+    flags = os.O_RDONLY | _O_NOFOLLOW | _O_NONBLOCK | _O_CLOEXEC | _O_BINARY
+    if _O_NOATIME:
+        try:
+            return os.open(path, flags | _O_NOATIME, dir_fd=fd)
+        except PermissionError as err:
+            if err.errno != errno.EPERM:  # EPERM: not our file, O_NOATIME not allowed
+                raise
+    return os.open(path, flags, dir_fd=fd)
+
+
+def _same_contents(sd, dd, name) -> bool:
+    """Compare the bytes of NAME in the two directories."""
+    fa = _open_source_file(sd, name)
+    try:
+        fb = _open_source_file(dd, name)
+        try:
+            while True:
+                a = os.read(fa, COPY_CHUNK)
+                b = os.read(fb, COPY_CHUNK)
+                if a != b:
+                    return False
+                if not a:
+                    return True
+        finally:
+            os.close(fb)
+    finally:
+        os.close(fa)
+
+
+# ------------------------------------------------------------------ actions --
+
+
+def _temp_name() -> str:
+    return f"{TEMP_PREFIX}{secrets.token_hex(8)}{TEMP_SUFFIX}"
+
+
+def _copy_bytes(fin: int, fout: int, size_hint: int) -> int:
+    """Copy from fin's position to EOF; return the number of bytes copied.
+
+    Tries the kernel's fast paths first (copy_file_range can clone blocks on
+    btrfs/XFS/NFS 4.2; sendfile avoids user-space buffers) and falls back to a
+    buffered copy when a fast path is refused before it copied anything.
+    """
+    total = 0
+    for fast in (getattr(os, "copy_file_range", None), getattr(os, "sendfile", None)):
+        if fast is None or sys.platform == "win32":
+            continue
+        try:
+            while True:
+                if fast is os.sendfile:
+                    n = os.sendfile(fout, fin, total, COPY_CHUNK * 8)
+                else:
+                    n = os.copy_file_range(fin, fout, COPY_CHUNK * 8)
+                if n == 0:
+                    break
+                total += n
+        except OSError as err:
+            if total or err.errno not in (
+                errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP,
+                errno.ENOTSUP, errno.EBADF, errno.ETXTBSY, errno.EPERM,
+            ):
+                raise
+            continue
+        # Some file systems answer 0 for a non-empty file: try the next way.
+        if total or not size_hint:
+            return total
+    while True:
+        chunk = os.read(fin, COPY_CHUNK)
+        if not chunk:
+            return total
+        view = memoryview(chunk)
+        while view:
+            written = os.write(fout, view)
+            view = view[written:]
+        total += len(chunk)
+
+
+def _set_file_stat(fout: int, path, dir_fd, st: os.stat_result) -> None:
+    """Give a freshly written file the source's permission bits and times."""
+    mode = stat.S_IMODE(st.st_mode)
+    times = (st.st_atime_ns, st.st_mtime_ns)
+    if _DIR_FD:
+        os.chmod(fout, mode)
+        os.utime(fout, ns=times)
+    else:  # pragma: no cover - Windows: by path, after the data is flushed
+        os.utime(path, ns=times)
+        os.chmod(path, mode)
+
+
+def _copy_file(sd, dd, name) -> tuple[int, bool]:
+    """Copy NAME from directory sd to directory dd atomically.
+
+    Returns (bytes copied, stable) where stable is False when the source's size
+    or mtime changed during the copy.  The replica then carries the pre-copy
+    mtime, so the next pass copies it again.
+    """
+    try:
+        fin = _open_source_file(sd, name)
+    except FileNotFoundError:
+        raise _Vanished() from None
+    except OSError as err:
+        if err.errno == errno.ELOOP:  # became a link since it was listed
+            raise _NotRegular() from None
+        raise
+    try:
+        before = os.fstat(fin)
+        if not stat.S_ISREG(before.st_mode):
+            raise _NotRegular()
+        tmp = _temp_name()
+        tmp_path, tmp_fd = _at(dd, tmp)
+        fout = os.open(
+            tmp_path,
+            os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_NOFOLLOW | _O_CLOEXEC | _O_BINARY,
+            0o600,
+            dir_fd=tmp_fd,
+        )
+        try:
+            try:
+                copied = _copy_bytes(fin, fout, before.st_size)
+                if _DIR_FD:
+                    _set_file_stat(fout, tmp_path, tmp_fd, before)
+            finally:
+                os.close(fout)
+            if not _DIR_FD:  # pragma: no cover
+                _set_file_stat(fout, tmp_path, tmp_fd, before)
+            after = os.fstat(fin)
+            final_path, final_fd = _at(dd, name)
+            os.replace(tmp_path, final_path, src_dir_fd=tmp_fd, dst_dir_fd=final_fd)
+        except BaseException:
+            try:
+                os.unlink(tmp_path, dir_fd=tmp_fd)
+            except OSError:
+                pass  # already gone or the directory is unusable; the next pass removes it
+            raise
+    finally:
+        os.close(fin)
+    return copied, _same_signature(before, after)
+
+
+def _make_link(dd, name, target: str) -> None:
+    """Create or replace the link NAME -> target, atomically."""
+    tmp = _temp_name()
+    tmp_path, fd = _at(dd, tmp)
+    os.symlink(target, tmp_path, dir_fd=fd)
+    try:
+        final_path, _ = _at(dd, name)
+        os.replace(tmp_path, final_path, src_dir_fd=fd, dst_dir_fd=fd)
+    except BaseException:
+        try:
+            os.unlink(tmp_path, dir_fd=fd)
+        except OSError:
+            pass  # the next pass removes it
+        raise
+
+
+def _chmod_file(dd, name, mode: int, expected: os.stat_result) -> None:
+    """Set the permission bits of a replica file in place, never via a link."""
+    path, fd = _at(dd, name)
+    handle = os.open(path, os.O_RDONLY | _O_NOFOLLOW | _O_NONBLOCK | _O_CLOEXEC, dir_fd=fd)
+    try:
+        st = os.fstat(handle)
+        if not (stat.S_ISREG(st.st_mode) and os.path.samestat(st, expected)):
+            raise OSError(errno.ESTALE, "replaced while being updated")
+        os.chmod(handle, mode)
+    finally:
+        os.close(handle)
+
+
+def _make_writable(d, mode: int) -> int:
+    """Let us add and remove entries in directory d; return its new mode."""
+    wanted = mode | stat.S_IRWXU
+    if wanted != mode:
+        os.chmod(d, wanted)
+    return wanted
+
+
+# ----------------------------------------------------------------- one pass --
+
+
+class _Frame:
+    """A directory pair on the walk's stack."""
+
+    __slots__ = ("parent", "name", "rel", "src_st", "dst_exists", "dst_mode",
+                 "dst_mtime", "sd", "dd", "changed", "writable")
+
+    def __init__(self, parent, name, rel, src_st, dst_st, dst_exists):
+        self.parent = parent
+        self.name = name
+        self.rel = rel
+        self.src_st = src_st
+        self.dst_exists = dst_exists
+        self.dst_mode = stat.S_IMODE(dst_st.st_mode) if dst_st else None
+        self.dst_mtime = dst_st.st_mtime_ns if dst_st else None
+        self.sd = None
+        self.dd = None
+        self.changed = False  # entries added or removed: the mtime must be reset
+        self.writable = False
+
+
+def _join(rel: str, name: str) -> str:
+    return f"{rel}/{name}" if rel else name
+
+
+def _reason(err: BaseException) -> str:
+    if isinstance(err, OSError) and err.strerror:
+        code = errno.errorcode.get(err.errno)
+        return f"{err.strerror} ({code})" if code else err.strerror
+    return str(err) or type(err).__name__
+
+
+class _Pass:
+    """The state of one pass; see run_pass()."""
+
+    def __init__(self, options: Options, report, should_stop):
+        self.options = options
+        self.report = report
+        self.should_stop = should_stop
+        self.result = PassResult()
+
+    # -- reporting
+
+    def emit(self, action: str, rel: str, detail: str = "") -> None:
+        self.result.counts[action] += 1
+        self.report(Event(action, rel, detail))
+
+    def fail(self, rel: str, what: str, err: BaseException) -> None:
+        self.result.errors += 1
+        self.emit("error", rel, f"cannot {what}: {_reason(err)}")
+
+    def stopping(self) -> bool:
+        if not self.result.interrupted and self.should_stop():
+            self.result.interrupted = True
+        return self.result.interrupted
+
+    # -- the walk
+
+    def run(self, source: str, replica: str) -> None:
+        dry = self.options.dry_run
+        try:
+            sd = _open_root(source)
+        except OSError as err:
+            self.fail("", f"open SOURCE {source!r}", err)
+            return
+        try:
+            src_st = os.stat(sd)  # a descriptor or, on Windows, the path
+            if not dry:
+                os.makedirs(replica, exist_ok=True)
+            try:
+                dd = _open_root(replica)
+            except FileNotFoundError:
+                if not dry:
+                    raise
+                dd = None
+        except OSError as err:
+            _close_dir(sd)
+            self.fail("", f"open REPLICA {replica!r}", err)
+            return
+        root = _Frame(None, None, "", src_st, None, dd is not None)
+        root.sd, root.dd = sd, dd
+        if dd is not None:
+            dst_st = os.stat(dd)
+            root.dst_mode = stat.S_IMODE(dst_st.st_mode)
+            root.dst_mtime = dst_st.st_mtime_ns
+        self.walk(root)
+
+    def walk(self, root: _Frame) -> None:
+        # Depth first with an explicit stack: (frame, entered).  A directory's
+        # permission bits and mtime are set when it is popped the second time,
+        # after everything inside it is written.  Only the directories on the
+        # current path are open: two descriptors per level.
+        stack = [(root, False)]
+        try:
+            while stack:
+                frame, entered = stack.pop()
+                if entered:
+                    self.finish(frame)
+                    continue
+                if self.stopping():
+                    if frame is root:
+                        self.close(frame)
+                    continue
+                try:
+                    children = self.enter(frame)
+                except BaseException:
+                    self.close(frame)
+                    raise
+                if children is None:
+                    continue
+                stack.append((frame, True))
+                stack.extend((child, False) for child in reversed(children))
+        finally:
+            for frame, entered in stack:
+                if entered or frame is root:
+                    self.close(frame)
+
+    def close(self, frame: _Frame) -> None:
+        for d in (frame.sd, frame.dd):
+            if d is not None:
+                _close_dir(d)
+        frame.sd = frame.dd = None
+
+    def enter(self, frame: _Frame):
+        """Mirror one directory's entries; return the subdirectories to walk.
+
+        Returns None (and leaves the replica side untouched) when either side
+        cannot be opened or listed.
+        """
+        rel = frame.rel
+        if frame.parent is not None:
+            try:
+                frame.sd = _open_dir(frame.parent.sd, frame.name)
+            except OSError as err:
+                self.fail(rel, "open directory", err)
+                return None
+            if frame.dst_exists:
+                try:
+                    frame.dd = _open_dir(frame.parent.dd, frame.name)
+                    if frame.dst_mode is None:  # created by this pass
+                        frame.dst_mode = stat.S_IMODE(os.stat(frame.dd).st_mode)
+                except OSError as err:
+                    self.close(frame)
+                    self.fail(rel, "open replica directory", err)
+                    return None
+        try:
+            src, unreadable = _scan(frame.sd)
+        except OSError as err:
+            # An unlistable source directory must not look empty.
+            self.close(frame)
+            self.fail(rel, "list directory", err)
+            return None
+        dst, dst_unreadable = {}, []
+        if frame.dd is not None:
+            try:
+                dst, dst_unreadable = _scan(frame.dd)
+            except OSError as err:
+                self.close(frame)
+                self.fail(rel, "list replica directory", err)
+                return None
+
+        keep = set()  # names whose replica entry must not be touched this pass
+        for name, err in unreadable:
+            self.fail(_join(rel, name), "read", err)
+            keep.add(name)
+        for name, err in dst_unreadable:
+            self.fail(_join(rel, name), "examine replica entry", err)
+            keep.add(name)
+        wanted = {}
+        for name, entry in src.items():
+            if _TEMP_NAME.match(name):
+                continue  # another sync.py's half-written file, not user data
+            if entry.kind == SPECIAL:
+                self.emit("skip", _join(rel, name), _special_kind(entry.st.st_mode))
+                continue
+            wanted[name] = entry
+
+        for name in sorted(dst):
+            if name in keep:
+                continue
+            have, want = dst[name], wanted.get(name)
+            if want is None or want.kind != have.kind:
+                if self.stopping():
+                    return []
+                if self.remove(frame, name, have):
+                    del dst[name]
+                else:
+                    keep.add(name)
+
+        children = []
+        for name in sorted(wanted):
+            if name in keep:
+                continue
+            if self.stopping():
+                break
+            want, have = wanted[name], dst.get(name)
+            if want.kind == FILE:
+                self.sync_file(frame, name, want, have)
+            elif want.kind == LINK:
+                self.sync_link(frame, name, want, have)
+            else:
+                child = self.sync_dir(frame, name, want, have)
+                if child is not None:
+                    children.append(child)
+        return children
+
+    def finish(self, frame: _Frame) -> None:
+        """Give a replica directory the source's permission bits and mtime."""
+        try:
+            if frame.dd is None or self.options.dry_run:
+                return
+            src_mode = stat.S_IMODE(frame.src_st.st_mode)
+            try:
+                if frame.dst_mode != src_mode:
+                    os.chmod(frame.dd, src_mode)
+                if frame.changed or frame.dst_mtime != frame.src_st.st_mtime_ns:
+                    os.utime(frame.dd, ns=(frame.src_st.st_atime_ns, frame.src_st.st_mtime_ns))
+            except OSError as err:
+                self.fail(frame.rel, "set directory permissions and times", err)
+        finally:
+            self.close(frame)
+
+    # -- changes inside one replica directory
+
+    def prepare(self, frame: _Frame) -> bool:
+        """Note that frame's replica directory is about to change; make it writable.
+
+        Returns False (after reporting) when that is impossible.
+        """
+        frame.changed = True
+        if frame.writable or self.options.dry_run or frame.dd is None:
+            return True
+        try:
+            frame.dst_mode = _make_writable(frame.dd, frame.dst_mode)
+        except OSError as err:
+            self.fail(frame.rel, "make replica directory writable", err)
+            return False
+        frame.writable = True
+        return True
+
+    def sync_file(self, frame, name, want: Entry, have: Optional[Entry]) -> None:
+        rel = _join(frame.rel, name)
+        mode = stat.S_IMODE(want.st.st_mode)
+        if have is not None and _same_signature(want.st, have.st):
+            try:
+                same = not self.options.checksum or _same_contents(frame.sd, frame.dd, name)
+            except OSError as err:
+                self.fail(rel, "compare contents", err)
+                return
+            if same:
+                if stat.S_IMODE(have.st.st_mode) == mode:
+                    return
+                # A second hard link could reach outside the replica: replace instead.
+                if have.st.st_nlink == 1:
+                    if not self.options.dry_run:
+                        try:
+                            _chmod_file(frame.dd, name, mode, have.st)
+                        except OSError as err:
+                            self.fail(rel, "set permissions", err)
+                            return
+                    self.emit("chmod", rel, f"{mode:#o}")
+                    return
+        action = "copy" if have is None else "update"
+        if self.options.dry_run:
+            frame.changed = True
+            self.emit(action, rel, str(want.st.st_size))
+            return
+        if not self.prepare(frame):
+            return
+        try:
+            copied, stable = _copy_file(frame.sd, frame.dd, name)
+        except _Vanished:
+            self.emit("vanished", rel)
+            return
+        except _NotRegular:
+            self.emit("skip", rel, "no longer a regular file")
+            return
+        except OSError as err:
+            self.fail(rel, "copy file", err)
+            return
+        self.result.bytes_copied += copied
+        self.emit(action, rel, str(copied))
+        if not stable:
+            self.emit("changed", rel)
+
+    def sync_link(self, frame, name, want: Entry, have: Optional[Entry]) -> None:
+        if have is not None and have.target == want.target:
+            return
+        rel = _join(frame.rel, name)
+        if not self.prepare(frame):
+            return
+        if not self.options.dry_run:
+            try:
+                _make_link(frame.dd, name, want.target)
+            except OSError as err:
+                self.fail(rel, "create link", err)
+                return
+        self.emit("link" if have is None else "relink", rel, want.target)
+
+    def sync_dir(self, frame, name, want: Entry, have: Optional[Entry]):
+        rel = _join(frame.rel, name)
+        if have is None:
+            if not self.prepare(frame):
+                return None
+            if not self.options.dry_run:
+                try:
+                    path, fd = _at(frame.dd, name)
+                    os.mkdir(path, 0o700, dir_fd=fd)
+                except OSError as err:
+                    self.fail(rel, "create directory", err)
+                    return None
+            self.emit("mkdir", rel)
+        exists = frame.dd is not None and not (self.options.dry_run and have is None)
+        return _Frame(frame, name, rel, want.st, have.st if have else None, exists)
+
+    def remove(self, frame, name, have: Entry) -> bool:
+        """Remove one replica entry (a directory with all it holds)."""
+        rel = _join(frame.rel, name)
+        if not self.prepare(frame):
+            return False
+        if have.kind == DIR:
+            return self.remove_tree(frame.dd, name, rel)
+        if not self.options.dry_run:
+            try:
+                path, fd = _at(frame.dd, name)
+                os.unlink(path, dir_fd=fd)
+            except FileNotFoundError:
+                pass  # already gone: that is what we wanted
+            except OSError as err:
+                self.fail(rel, "remove", err)
+                return False
+        self.emit_removed(name, rel, have)
+        return True
+
+    def emit_removed(self, name, rel, entry: Entry) -> None:
+        if entry.kind == FILE and _TEMP_NAME.match(name):
+            self.emit("temp", rel)
+        else:
+            self.emit("remove", rel, entry.kind)
+
+    def remove_tree(self, parent, name, rel) -> bool:
+        """Remove a replica directory and everything in it, deepest first.
+
+        Iterative and descriptor-based like shutil.rmtree's safe variant: every
+        directory is opened with O_NOFOLLOW relative to its parent, so a link
+        swapped in cannot send the deletion elsewhere.
+        """
+        dry = self.options.dry_run
+        # Each level: [parent handle, name, rel, handle, remaining entries, ok]
+        stack = []
+
+        def descend(p, n, r) -> bool:
+            try:
+                d = _open_dir(p, n)
+            except OSError as err:
+                self.fail(r, "open replica directory", err)
+                return False
+            try:
+                if not dry:
+                    _make_writable(d, stat.S_IMODE(os.stat(d).st_mode))
+                entries, failed = _scan(d)
+            except OSError as err:
+                _close_dir(d)
+                self.fail(r, "list replica directory", err)
+                return False
+            for bad, err in failed:
+                self.fail(_join(r, bad), "examine replica entry", err)
+            stack.append([p, n, r, d, sorted(entries.items(), reverse=True), not failed])
+            return True
+
+        if not descend(parent, name, rel):
+            return False
+        try:
+            while stack:
+                level = stack[-1]
+                p, n, r, d, remaining, ok = level
+                if remaining and not self.stopping():
+                    child, entry = remaining.pop()
+                    child_rel = _join(r, child)
+                    if entry.kind == DIR:
+                        if not descend(d, child, child_rel):
+                            level[5] = False
+                        continue
+                    if not dry:
+                        try:
+                            path, fd = _at(d, child)
+                            os.unlink(path, dir_fd=fd)
+                        except FileNotFoundError:
+                            pass
+                        except OSError as err:
+                            self.fail(child_rel, "remove", err)
+                            level[5] = False
+                            continue
+                    self.emit_removed(child, child_rel, entry)
+                    continue
+                stack.pop()
+                _close_dir(d)
+                ok = ok and not remaining
+                if ok and not dry:
+                    try:
+                        path, fd = _at(p, n)
+                        os.rmdir(path, dir_fd=fd)
+                    except OSError as err:
+                        self.fail(r, "remove directory", err)
+                        ok = False
+                if ok:
+                    self.emit("rmdir", r)
+                elif stack:
+                    stack[-1][5] = False
+                if not stack:
+                    return ok
+        finally:
+            for level in stack:
+                _close_dir(level[3])
+        return False
+
+
+def _special_kind(mode: int) -> str:
+    if stat.S_ISFIFO(mode):
+        return "FIFO"
+    if stat.S_ISSOCK(mode):
+        return "socket"
+    if stat.S_ISCHR(mode):
+        return "character device"
+    if stat.S_ISBLK(mode):
+        return "block device"
+    return "special file"
+
+
+def run_pass(source: str, replica: str, options: Options = None,
+             report: Callable[[Event], None] = _ignore,
+             should_stop: Callable[[], bool] = lambda: False) -> PassResult:
+    """Make REPLICA an exact mirror of SOURCE, once.
+
+    Every action is passed to ``report`` as an Event the moment it is done.
+    ``should_stop`` is polled between items; when it returns True the pass
+    ends after the current item and the result says it was interrupted.
+    Item failures are counted in the result, never raised.
+    """
+    started = time.monotonic()
+    work = _Pass(options or Options(), report, should_stop)
+    work.run(os.fspath(source), os.fspath(replica))
+    work.result.duration = time.monotonic() - started
+    return work.result
+
+
+# ----------------------------------------------------------------- the loop --
+
+
+def run_periodically(source: str, replica: str, interval: float, options: Options = None,
+                     report: Callable[[Event], None] = _ignore,
+                     on_pass: Callable[[PassResult], None] = lambda result: None,
+                     stop: threading.Event = None,
+                     clock: Callable[[], float] = time.monotonic) -> None:
+    """Run passes every ``interval`` seconds, start to start, until ``stop`` is set.
+
+    The first pass starts at once.  A pass that takes longer than the interval
+    is followed at once by the next, and reported with an "overrun" event.
+    """
+    stop = stop or threading.Event()
+    while not stop.is_set():
+        started = clock()
+        on_pass(run_pass(source, replica, options, report, stop.is_set))
+        if stop.is_set():
+            return
+        elapsed = clock() - started
+        if elapsed >= interval:
+            report(Event("overrun", "", f"{elapsed:.1f}"))
+            continue
+        stop.wait(interval - elapsed)
+
+
+# ------------------------------------------------------------ preconditions --
+
+
+def _is_within(path: str, root: str) -> bool:
+    """True when path is root or lies inside it, after resolving links.
+
+    Compares (device, inode) of path and each of its existing ancestors with
+    root, so case-insensitive file systems and bind mounts are caught too;
+    falls back to comparing normalised paths when root does not exist yet.
+    """
+    path = os.path.realpath(path)
+    try:
+        root_st = os.stat(root)
+    except OSError:
+        root_norm = os.path.normcase(os.path.realpath(root))
+        here = os.path.normcase(path)
+        return here == root_norm or here.startswith(root_norm.rstrip(os.sep) + os.sep)
+    while True:
+        try:
+            if os.path.samestat(os.stat(path), root_st):
+                return True
+        except OSError:
+            pass
+        parent = os.path.dirname(path)
+        if parent == path:
+            return False
+        path = parent
+
+
+def check_paths(source: str, replica: str, log_file: Optional[str]) -> None:
+    """Refuse, before anything changes, arguments that cannot work safely."""
+    if not os.path.exists(source):
+        raise UsageError(f"SOURCE {source!r} does not exist")
+    if not os.path.isdir(source):
+        raise UsageError(f"SOURCE {source!r} is not a directory")
+    if os.path.lexists(replica) and not os.path.isdir(replica):
+        raise UsageError(f"REPLICA {replica!r} exists and is not a directory")
+    if _is_within(replica, source):
+        what = "the same folder as" if _is_within(source, replica) else "inside"
+        raise UsageError(f"REPLICA {replica!r} is {what} SOURCE {source!r}; "
+                         "a mirror must be outside the tree it copies")
+    if _is_within(source, replica):
+        raise UsageError(f"SOURCE {source!r} is inside REPLICA {replica!r}; "
+                         "mirroring would delete it")
+    if log_file is None:
+        return
+    if _is_within(log_file, replica):
+        raise UsageError(f"LOG_FILE {log_file!r} is inside REPLICA {replica!r}, "
+                         "where the mirror would delete it; put it elsewhere")
+    if os.path.isdir(log_file):
+        raise UsageError(f"LOG_FILE {log_file!r} is a directory")
+    folder = os.path.dirname(os.path.abspath(log_file))
+    if not os.path.isdir(folder):
+        raise UsageError(f"LOG_FILE {log_file!r}: folder {folder!r} does not exist")
+
+
+def parse_interval(text: str) -> float:
+    """INTERVAL: a positive, finite number of seconds."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"INTERVAL must be a number of seconds, not {text!r}")
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"INTERVAL must be a positive number of seconds, not {text!r}")
+    return value
+
+
+# ---------------------------------------------------------------- the CLI --
+
+_DONE = {
+    "mkdir": "created directory {path}",
+    "copy": "copied {path} ({size})",
+    "update": "updated {path} ({size})",
+    "link": "created link {path} -> {detail}",
+    "relink": "updated link {path} -> {detail}",
+    "chmod": "set permissions of {path} to {detail}",
+    "remove": "removed {detail} {path}",
+    "rmdir": "removed directory {path}",
+    "temp": "removed leftover temporary file {path}",
+    "vanished": "{path} vanished before it could be copied",
+    "skip": "skipped {path}: {detail}",
+    "changed": "{path} changed while it was being copied; the next pass copies it again",
+    "overrun": "the pass took {detail} s, longer than INTERVAL; starting the next one now",
+    "error": "{path}: {detail}",
+}
+_WOULD = {
+    "mkdir": "would create directory {path}",
+    "copy": "would copy {path} ({size})",
+    "update": "would update {path} ({size})",
+    "link": "would create link {path} -> {detail}",
+    "relink": "would update link {path} -> {detail}",
+    "chmod": "would set permissions of {path} to {detail}",
+    "remove": "would remove {detail} {path}",
+    "rmdir": "would remove directory {path}",
+    "temp": "would remove leftover temporary file {path}",
+}
+_SUMMARY_WORDS = [
+    ("copy", "copied"), ("update", "updated"), ("mkdir", "directories created"),
+    ("link", "links created"), ("relink", "links updated"), ("chmod", "permissions set"),
+    ("remove", "removed"), ("rmdir", "directories removed"), ("temp", "temporary files removed"),
+    ("skip", "skipped"), ("changed", "changed while copying"), ("vanished", "vanished"),
+]
+
+
+def _human(n: int) -> str:
+    size = float(n)
+    for unit in ("bytes", "KiB", "MiB", "GiB", "TiB"):
+        if size < 1024 or unit == "TiB":
+            return f"{n} bytes" if unit == "bytes" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{n} bytes"  # pragma: no cover
+
+
+def _show(path: str) -> str:
+    """A path as one printable log line: undecodable bytes and control
+    characters are escaped (b'\\xff' -> \\xff, newline -> \\n)."""
+    if not path:
+        return "."
+    if path.isprintable():
+        return path
+    raw = path.encode("utf-8", "surrogateescape")
+    text = raw.decode("utf-8", "backslashreplace")
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+def format_event(event: Event, dry_run: bool = False) -> str:
+    template = (_WOULD if dry_run else _DONE).get(event.action) or _DONE[event.action]
+    if event.action == "error" and not event.path:
+        template = "{detail}"  # about a root, which the detail names
+    size = _human(int(event.detail)) if event.detail.isdigit() else event.detail
+    detail = _show(event.detail) if event.action in ("link", "relink") else event.detail
+    return template.format(path=_show(event.path), detail=detail, size=size)
+
+
+def format_summary(result: PassResult, dry_run: bool = False) -> str:
+    parts = [f"{words} {result.counts[action]}" for action, words in _SUMMARY_WORDS
+             if result.counts[action]]
+    parts.append(f"errors {result.errors}")
+    head = "dry run finished" if dry_run else "pass finished"
+    if result.interrupted:
+        head += " early (stopped)"
+    text = f"{head} in {result.duration:.2f} s: {', '.join(parts)}; {_human(result.bytes_copied)} copied"
+    if dry_run:
+        return text
+    return text + ("; replica is an exact mirror" if result.exact else "; replica is NOT yet an exact mirror")
+
+
+class _ReportOnce:
+    """Mixin for handlers: a failure to write is reported once on stderr, not per
+    line, and logging carries on (the sync matters more than its log)."""
+
+    _failing = False
+
+    def handleError(self, record):  # noqa: N802 - logging's name
+        if self._failing:
+            return
+        self._failing = True
+        err = sys.exc_info()[1]
+        where = getattr(self, "baseFilename", "the console")
+        try:
+            sys.stderr.write(f"sync.py: cannot write to {where}: {_reason(err)}; "
+                             "syncing goes on (reported once)\n")
+            sys.stderr.flush()
+        except (OSError, ValueError, AttributeError):
+            pass  # stderr itself is gone: there is nowhere left to say it
+
+
+class _LogFile(_ReportOnce, logging.handlers.WatchedFileHandler):
+    """Appends UTF-8; reopens the file when logrotate moves it away."""
+
+    def emit(self, record):
+        try:
+            if os.name == "posix":
+                self.reopenIfNeeded()
+            logging.FileHandler.emit(self, record)
+        except Exception:  # an error in reopening escapes WatchedFileHandler
+            self.handleError(record)
+
+
+class _Console(_ReportOnce, logging.StreamHandler):
+    pass
+
+
+class _QuietFilter(logging.Filter):
+    """With --quiet the console shows warnings, errors and pass summaries."""
+
+    def filter(self, record):
+        return record.levelno >= logging.WARNING or getattr(record, "summary", False)
+
+
+_FORMAT = logging.Formatter("%(asctime)s.%(msecs)03d %(levelname)-7s %(message)s",
+                            "%Y-%m-%d %H:%M:%S")
+
+
+def _setup_logging(log_file: str, quiet: bool, verbose: bool) -> logging.Logger:
+    logger = logging.getLogger("sync")
+    logger.handlers.clear()
+    logger.propagate = False
+    logger.setLevel(logging.DEBUG if verbose else logging.INFO)
+    handler = _LogFile(log_file, mode="a", encoding="utf-8", errors="backslashreplace")
+    handler.setFormatter(_FORMAT)
+    logger.addHandler(handler)
+    if sys.stderr is not None:
+        try:
+            sys.stderr.reconfigure(errors="backslashreplace")
+        except (AttributeError, ValueError):
+            pass  # not a TextIOWrapper: leave it as it is
+        console = _Console(sys.stderr)
+        console.setFormatter(_FORMAT)
+        if quiet:
+            console.addFilter(_QuietFilter())
+        logger.addHandler(console)
+    return logger
+
+
+class _ArgumentParser(argparse.ArgumentParser):
+    def error(self, message):
+        raise UsageError(message)
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = _ArgumentParser(
+        prog="sync.py",
+        description="Keep REPLICA an exact one-way mirror of SOURCE, re-syncing every "
+                    "INTERVAL seconds and logging every action to the console and LOG_FILE.",
+        epilog="Exit status: 0 the replica is an exact mirror (or the loop was stopped "
+               "by Ctrl-C/SIGTERM); 1 an item could not be mirrored (with --once); "
+               "2 bad arguments or a failed precondition, nothing changed.",
+    )
+    parser.add_argument("source", metavar="SOURCE", help="folder to copy from (only read)")
+    parser.add_argument("replica", metavar="REPLICA",
+                        help="folder to make identical to SOURCE (created if missing)")
+    parser.add_argument("interval", metavar="INTERVAL", type=parse_interval,
+                        help="seconds between the starts of two passes")
+    parser.add_argument("log_file", metavar="LOG_FILE",
+                        help="file to append the log to (not inside REPLICA)")
+    parser.add_argument("--once", action="store_true",
+                        help="run one pass and exit: 0 exact mirror, 1 some item failed")
+    parser.add_argument("-n", "--dry-run", action="store_true",
+                        help="log what would be done, change nothing")
+    parser.add_argument("-c", "--checksum", action="store_true",
+                        help="also compare contents of files whose size and mtime match")
+    parser.add_argument("-q", "--quiet", action="store_true",
+                        help="console shows only warnings, errors and pass summaries")
+    parser.add_argument("-v", "--verbose", action="store_true", help="add debug detail")
+    parser.add_argument("--version", action="version", version=f"sync.py {__version__}")
+    return parser
+
+
+def _install_signal_handlers(stop: threading.Event, caught: list) -> None:
+    """Ctrl-C and SIGTERM ask the loop to stop after the current file; a second
+    one stops at once (the file being copied is left as a temporary file that
+    the next pass removes)."""
+
+    def handler(signum, frame):
+        if stop.is_set():
+            raise KeyboardInterrupt
+        caught.append(signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGINT, handler)
+    if hasattr(signal, "SIGTERM"):
+        signal.signal(signal.SIGTERM, handler)
+
+
+def main(argv=None) -> int:
+    """Command-line entry point; returns the exit status."""
+    parser = _build_parser()
+    try:
+        args = parser.parse_args(argv)
+        check_paths(args.source, args.replica, args.log_file)
+        try:
+            logger = _setup_logging(args.log_file, args.quiet, args.verbose)
+        except OSError as err:
+            raise UsageError(f"cannot open LOG_FILE {args.log_file!r}: {_reason(err)}")
+        if not args.dry_run:
+            try:
+                os.makedirs(args.replica, exist_ok=True)
+            except OSError as err:
+                raise UsageError(f"cannot create REPLICA {args.replica!r}: {_reason(err)}")
+    except UsageError as err:
+        print(f"sync.py: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+
+    options = Options(checksum=args.checksum, dry_run=args.dry_run)
+    stop, caught = threading.Event(), []
+    _install_signal_handlers(stop, caught)
+
+    def report(event: Event) -> None:
+        logger.log(ACTIONS[event.action], format_event(event, args.dry_run))
+
+    results = []
+
+    def on_pass(result: PassResult) -> None:
+        results.append(result)
+        level = logging.WARNING if result.errors else logging.INFO
+        logger.log(level, format_summary(result, args.dry_run), extra={"summary": True})
+
+    mode = "once" if args.once else f"every {args.interval:g} s"
+    flags = [name for name in ("dry_run", "checksum") if getattr(args, name)]
+    logger.info("sync.py %s started: %s -> %s, %s%s, log %s", __version__,
+                _show(args.source), _show(args.replica), mode,
+                "".join(f", --{f.replace('_', '-')}" for f in flags), _show(args.log_file),
+                extra={"summary": True})
+    try:
+        if args.once:
+            on_pass(run_pass(args.source, args.replica, options, report, stop.is_set))
+        else:
+            run_periodically(args.source, args.replica, args.interval, options, report,
+                             on_pass, stop)
+    except KeyboardInterrupt:
+        logger.warning("stopped at once by a second signal")
+        return EXIT_FAILED
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if caught:
+        logger.info("stopped by %s", caught[0], extra={"summary": True})
+    else:
+        logger.info("finished", extra={"summary": True})
+    if args.once:
+        last = results[-1]
+        return EXIT_OK if not (last.errors or last.interrupted) else EXIT_FAILED
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

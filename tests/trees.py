@@ -1,0 +1,136 @@
+"""Build trees from a declarative description; snapshot and compare them.
+
+A description is a dict of name -> entry, where an entry is
+  bytes or str         a regular file with that content (mode 0o644)
+  dict                 a directory (mode 0o755)
+  File(...), Dir(...)  the same with an explicit mode and mtime
+  Link("target")       a symbolic link with that target text
+  Fifo()               a named pipe
+Names may be str or bytes (for names that are not valid UTF-8).
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from dataclasses import dataclass, field
+
+BASE_MTIME_NS = 1_600_000_000_123_456_789  # fixed, with a nanosecond part
+
+
+@dataclass
+class File:
+    data: bytes | str = b""
+    mode: int = 0o644
+    mtime_ns: int = BASE_MTIME_NS
+
+
+@dataclass
+class Dir:
+    entries: dict = field(default_factory=dict)
+    mode: int = 0o755
+    mtime_ns: int = BASE_MTIME_NS
+
+
+@dataclass
+class Link:
+    target: str | bytes
+
+
+@dataclass
+class Fifo:
+    pass
+
+
+def _as_node(entry):
+    if isinstance(entry, (bytes, str)):
+        return File(entry)
+    if isinstance(entry, dict):
+        return Dir(entry)
+    return entry
+
+
+def make_tree(root, description: dict, root_mode: int | None = None) -> None:
+    """Create description under root (which may exist).  Directory modes and
+    times are applied after their contents, as a mirror must."""
+    root = os.fsencode(root)
+    os.makedirs(root, exist_ok=True)
+    _fill(root, description)
+    if root_mode is not None:
+        os.chmod(root, root_mode)
+
+
+def _fill(path: bytes, description: dict) -> None:
+    for name, entry in description.items():
+        full = os.path.join(path, os.fsencode(name))
+        node = _as_node(entry)
+        if isinstance(node, File):
+            data = node.data.encode() if isinstance(node.data, str) else node.data
+            with open(full, "wb") as f:
+                f.write(data)
+            os.chmod(full, node.mode)
+            os.utime(full, ns=(node.mtime_ns, node.mtime_ns))
+        elif isinstance(node, Dir):
+            os.mkdir(full)
+            _fill(full, node.entries)
+            os.chmod(full, node.mode)
+            os.utime(full, ns=(node.mtime_ns, node.mtime_ns))
+        elif isinstance(node, Link):
+            os.symlink(os.fsencode(node.target), full)
+        elif isinstance(node, Fifo):
+            os.mkfifo(full)
+        else:
+            raise TypeError(f"cannot build {entry!r}")
+
+
+def snapshot(root, skip_special: bool = True) -> dict:
+    """Everything lstat and the bytes say about a tree, keyed by relative path
+    (bytes).  Links are never followed.  Special files are left out unless
+    skip_special is False (sync.py does not mirror them)."""
+    root = os.fsencode(root)
+    result = {}
+    pending = [b""]
+    while pending:
+        rel = pending.pop()
+        full = os.path.join(root, rel) if rel else root
+        st = os.lstat(full)
+        mode = stat.S_IMODE(st.st_mode)
+        if stat.S_ISLNK(st.st_mode):
+            result[rel] = ("link", os.readlink(full))
+        elif stat.S_ISREG(st.st_mode):
+            with open(full, "rb") as f:
+                result[rel] = ("file", f.read(), oct(mode), st.st_mtime_ns)
+        elif stat.S_ISDIR(st.st_mode):
+            result[rel] = ("dir", oct(mode), st.st_mtime_ns)
+            pending.extend(os.path.join(rel, name) if rel else name for name in os.listdir(full))
+        elif not skip_special:
+            result[rel] = ("special", oct(mode))
+    return result
+
+
+def diff(a: dict, b: dict) -> list[str]:
+    """Readable differences between two snapshots (empty when equal)."""
+    lines = []
+    for key in sorted(set(a) | set(b)):
+        if a.get(key) != b.get(key):
+            lines.append(f"{key!r}: {_short(a.get(key))} != {_short(b.get(key))}")
+    return lines
+
+
+def _short(value):
+    if value and value[0] == "file" and len(value[1]) > 40:
+        return ("file", value[1][:40] + b"...", *value[2:])
+    return value
+
+
+def assert_mirror(source, replica) -> None:
+    differences = diff(snapshot(source), snapshot(replica))
+    assert not differences, "replica differs from source:\n" + "\n".join(differences[:20])
+
+
+def leftover_temp_files(root) -> list[bytes]:
+    """Paths of sync.py temporary files anywhere under root."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(os.fsencode(root)):
+        found += [os.path.join(dirpath, n) for n in filenames + dirnames if n.startswith(b".syncpy-")]
+    return found
