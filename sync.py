@@ -579,7 +579,7 @@ class _Pass:
             try:
                 frame.sd = _open_dir(frame.parent.sd, frame.name)
             except OSError as err:
-                self.fail(rel, "open directory", err)
+                self.fail(rel, "list directory", err)
                 return None
             if frame.dst_exists:
                 try:
@@ -588,7 +588,7 @@ class _Pass:
                         frame.dst_mode = stat.S_IMODE(os.stat(frame.dd).st_mode)
                 except OSError as err:
                     self.close(frame)
-                    self.fail(rel, "open replica directory", err)
+                    self.fail(rel, "list replica directory", err)
                     return None
         try:
             src, unreadable = _scan(frame.sd)
@@ -800,7 +800,7 @@ class _Pass:
             try:
                 d = _open_dir(p, n)
             except OSError as err:
-                self.fail(r, "open replica directory", err)
+                self.fail(r, "list replica directory", err)
                 return False
             try:
                 if not dry:
@@ -1166,6 +1166,21 @@ def _build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _raise_open_file_limit() -> None:
+    """The walk holds two descriptors per directory level; let a deep tree have them."""
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - Windows has no such limit to raise
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = 1 << 20 if hard == resource.RLIM_INFINITY else min(hard, 1 << 20)
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+        except (ValueError, OSError):
+            pass  # keep the lower limit: a too-deep tree then fails per item, logged
+
+
 def _install_signal_handlers(stop: threading.Event, caught: list) -> None:
     """Ctrl-C and SIGTERM ask the loop to stop after the current file; a second
     one stops at once (the file being copied is left as a temporary file that
@@ -1202,6 +1217,7 @@ def main(argv=None) -> int:
         return EXIT_USAGE
 
     options = Options(checksum=args.checksum, dry_run=args.dry_run)
+    _raise_open_file_limit()
     stop, caught = threading.Event(), []
     _install_signal_handlers(stop, caught)
 

@@ -2,8 +2,11 @@
 
 import errno
 import os
+import resource
 import shutil
 import stat
+import subprocess
+import sys
 
 import pytest
 
@@ -328,8 +331,14 @@ def test_stop_request_ends_the_pass_early(src, dst):
     assert leftover_temp_files(dst) == []
 
 
-def test_deep_tree_beyond_recursion_limit_and_path_max(src, dst):
-    import sys
+@pytest.fixture
+def deep_cleanup(tmp_path):
+    yield
+    # shutil.rmtree before Python 3.12 recurses and cannot remove such a tree.
+    subprocess.run(["rm", "-rf", str(tmp_path / "src"), str(tmp_path / "dst")], check=True)
+
+
+def test_deep_tree_beyond_recursion_limit_and_path_max(src, dst, deep_cleanup):
     depth = sys.getrecursionlimit() + 50
     name = "d" * 8  # 1050 levels x 9 bytes > PATH_MAX (4096)
     # Build it with directory descriptors: the path is too long for one call.
@@ -343,7 +352,6 @@ def test_deep_tree_beyond_recursion_limit_and_path_max(src, dst):
     os.write(leaf, b"bottom")
     os.close(leaf)
     os.close(fd)
-    import resource
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < 4 * depth:
         resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 8 * depth), hard))

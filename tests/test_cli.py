@@ -1,0 +1,161 @@
+"""sync.py run as a user runs it: a subprocess, its exit status, its log."""
+
+import os
+import re
+
+import pytest
+
+from trees import Fifo, File, Link, assert_mirror, make_tree, snapshot
+
+LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3} (DEBUG|INFO|WARNING|ERROR)\s+\S")
+
+
+def messages(text):
+    """Log lines without their timestamp and level."""
+    return [line.split(None, 3)[3] for line in text.splitlines()]
+
+
+def test_once_mirrors_and_logs_every_action(src, dst, log, cli):
+    make_tree(src, {"a.txt": "hello", "sub": {"b.txt": "world"}, "l": Link("a.txt")})
+    make_tree(dst, {"stale.txt": "bye"})
+    proc = cli(src, dst, 1, log, "--once")
+    assert proc.returncode == 0, proc.stderr
+    assert_mirror(src, dst)
+    logged = log.read_text(encoding="utf-8")
+    assert all(LINE.match(line) for line in logged.splitlines()), logged
+    assert messages(logged)[1:-2] == [
+        "removed file stale.txt",
+        "copied a.txt (5 bytes)",
+        "created link l -> a.txt",
+        "created directory sub",
+        "copied sub/b.txt (5 bytes)",
+    ]
+    assert messages(logged)[-2].startswith("pass finished in ")
+    assert "copied 2, directories created 1, links created 1, removed 1, errors 0; 10 bytes copied; " \
+           "replica is an exact mirror" in logged
+    assert messages(proc.stderr) == messages(logged), "the console shows the same lines"
+    assert proc.stdout == ""
+
+
+def test_log_is_appended_never_truncated(src, dst, log, cli):
+    make_tree(src, {"f": "x"})
+    log.write_text("an earlier line\n")
+    assert cli(src, dst, 1, log, "--once").returncode == 0
+    assert cli(src, dst, 1, log, "--once").returncode == 0
+    text = log.read_text()
+    assert text.startswith("an earlier line\n") and text.count("pass finished") == 2
+
+
+def test_odd_names_are_logged_on_one_line_without_logging_errors(src, dst, log, cli):
+    make_tree(src, {b"bad-\xff-utf8": "x", "new\nline": "y", "-leading-dash": "z", "é.txt": "é"})
+    proc = cli(src, dst, 1, log, "--once")
+    assert proc.returncode == 0, proc.stderr
+    assert "Logging error" not in proc.stderr and "Traceback" not in proc.stderr
+    logged = log.read_bytes().decode("utf-8")  # valid UTF-8
+    assert "copied bad-\\xff-utf8 (1 bytes)" in logged
+    assert "copied new\\nline (1 bytes)" in logged
+    assert "copied -leading-dash" in logged and "copied é.txt" in logged
+    assert all(LINE.match(line) for line in logged.splitlines())
+    assert_mirror(src, dst)
+
+
+def test_quiet_keeps_warnings_and_summary_on_console(src, dst, log, cli):
+    make_tree(src, {"f": "x", "pipe": Fifo()})
+    proc = cli(src, dst, 1, log, "--once", "-q")
+    assert proc.returncode == 0
+    console = messages(proc.stderr)
+    assert "copied f (1 bytes)" not in console
+    assert "skipped pipe: FIFO" in console
+    assert any(m.startswith("pass finished") for m in console)
+    assert "copied f (1 bytes)" in log.read_text(), "the log file still has everything"
+
+
+def test_dry_run_changes_nothing_and_says_what_it_would_do(src, dst, log, cli):
+    make_tree(src, {"new": "n", "d": {"f": "1"}})
+    make_tree(dst, {"old": "o"})
+    before = snapshot(dst)
+    proc = cli(src, dst, 1, log, "--once", "--dry-run")
+    assert proc.returncode == 0
+    assert snapshot(dst) == before
+    said = messages(log.read_text())
+    assert {"would remove file old", "would copy new (1 bytes)", "would create directory d",
+            "would copy d/f (1 bytes)"} <= set(said)
+    assert any(m.startswith("dry run finished") for m in said)
+
+
+def test_checksum_option_compares_contents(src, dst, log, cli):
+    make_tree(src, {"f": File("AAAA")})
+    make_tree(dst, {"f": File("BBBB")})
+    assert cli(src, dst, 1, log, "--once").returncode == 0
+    assert (dst / "f").read_text() == "BBBB"
+    assert cli(src, dst, 1, log, "--once", "--checksum").returncode == 0
+    assert (dst / "f").read_text() == "AAAA"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["{tmp}/missing", "{dst}", "1"], "SOURCE '{tmp}/missing' does not exist"),
+    (["{src}/file.txt", "{dst}", "1"], "SOURCE '{src}/file.txt' is not a directory"),
+    (["{src}", "{src}", "1"], "REPLICA '{src}' is the same folder as SOURCE '{src}'"),
+    (["{src}", "{src}/inner", "1"], "REPLICA '{src}/inner' is inside SOURCE '{src}'"),
+    (["{src}", "{src}/../src/./sub/x", "1"], "is inside SOURCE"),
+    (["{src}/sub", "{src}", "1"], "SOURCE '{src}/sub' is inside REPLICA '{src}'"),
+    (["{src}", "{tmp}/alias/inner", "1"], "is inside SOURCE"),  # through a symlink
+    (["{src}", "{src}/file.txt", "1"], "REPLICA '{src}/file.txt' exists and is not a directory"),
+    (["{src}", "{dst}", "0"], "INTERVAL must be a positive number of seconds, not '0'"),
+    (["{src}", "{dst}", "-5"], "INTERVAL must be a positive number of seconds"),
+    (["{src}", "{dst}", "soon"], "INTERVAL must be a number of seconds, not 'soon'"),
+    (["{src}", "{dst}", "nan"], "INTERVAL must be a positive number of seconds"),
+    (["{src}", "{dst}", "inf"], "INTERVAL must be a positive number of seconds"),
+])
+def test_bad_arguments_exit_2_with_one_line_and_change_nothing(tmp_path, src, dst, cli, args, message):
+    make_tree(src, {"file.txt": "x", "sub": {}})
+    os.symlink(src, tmp_path / "alias")
+    fmt = dict(tmp=tmp_path, src=src, dst=dst)
+    before = snapshot(tmp_path)
+    proc = cli(*[a.format(**fmt) for a in args], tmp_path / "log.txt", "--once")
+    assert proc.returncode == 2
+    assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("sync.py: error: "), proc.stderr
+    assert message.format(**fmt) in proc.stderr
+    assert snapshot(tmp_path) == before, "a refused run must change nothing"
+
+
+@pytest.mark.parametrize("where, message", [
+    ("{dst}/sync.log", "LOG_FILE '{dst}/sync.log' is inside REPLICA '{dst}'"),
+    ("{tmp}/no-such-folder/sync.log", "folder '{tmp}/no-such-folder' does not exist"),
+    ("{tmp}", "is a directory"),
+])
+def test_unusable_log_file_exits_2(tmp_path, src, dst, cli, where, message):
+    dst.mkdir()
+    where, message = (s.format(tmp=tmp_path, dst=dst) for s in (where, message))
+    proc = cli(src, dst, 1, where, "--once")
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1
+    assert message in proc.stderr
+
+
+def test_missing_arguments_exit_2_with_one_line(cli):
+    proc = cli("only-one")
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1
+    assert "the following arguments are required" in proc.stderr
+
+
+def test_replica_and_its_parents_are_created(src, tmp_path, log, cli):
+    make_tree(src, {"f": "x"})
+    dst = tmp_path / "a" / "b" / "c"
+    assert cli(src, dst, 1, log, "--once").returncode == 0
+    assert_mirror(src, dst)
+
+
+def test_version_and_help(cli):
+    version = cli("--version")
+    assert version.returncode == 0 and re.fullmatch(r"sync\.py \d+\.\d+\.\d+\n", version.stdout)
+    usage = cli("--help")
+    assert usage.returncode == 0
+    for option in ("--once", "--dry-run", "--checksum", "--quiet", "--verbose", "Exit status"):
+        assert option in usage.stdout
+
+
+def test_main_returns_status_instead_of_exiting(src, dst, log):
+    import sync
+    make_tree(src, {"f": "x"})
+    assert sync.main([str(src), str(dst), "1", str(log), "--once", "-q"]) == 0
+    assert sync.main([str(src), str(src), "1", str(log), "--once"]) == 2

@@ -1,0 +1,92 @@
+"""Permission failures, run as an unprivileged user (root, as in CI, drops to
+nobody with setpriv): each is logged with its path and reason, skipped, and
+retried by the next pass."""
+
+import os
+
+from trees import Dir, File, assert_mirror, make_tree, snapshot
+
+
+def setup_trees(unprivileged, source_tree, replica_tree=None):
+    src, dst, log = unprivileged.base / "src", unprivileged.base / "dst", unprivileged.base / "sync.log"
+    make_tree(src, source_tree)
+    if replica_tree is not None:
+        make_tree(dst, replica_tree)
+    unprivileged.own(src, *([dst] if replica_tree is not None else []))
+    return src, dst, log
+
+
+def test_unreadable_file_is_logged_skipped_and_retried(unprivileged):
+    src, dst, log = setup_trees(unprivileged, {"secret": File("s", mode=0o000), "ok.txt": "fine"})
+    proc = unprivileged.run(src, dst, 1, log, "--once")
+    assert proc.returncode == 1, proc.stderr
+    assert "ERROR   secret: cannot copy file: Permission denied (EACCES)" in log.read_text()
+    assert (dst / "ok.txt").read_text() == "fine"
+    assert not (dst / "secret").exists()
+    assert "errors 1" in log.read_text() and "NOT yet an exact mirror" in log.read_text()
+    os.chmod(src / "secret", 0o400)
+    proc = unprivileged.run(src, dst, 1, log, "--once")
+    assert proc.returncode == 0, proc.stderr
+    assert_mirror(src, dst)
+
+
+def test_unlistable_source_directory_does_not_look_empty(unprivileged):
+    tree = {"closed": Dir({"a": "1", "b": {"c": "2"}}), "open.txt": "o"}
+    src, dst, log = setup_trees(unprivileged, tree)
+    assert unprivileged.run(src, dst, 1, log, "--once").returncode == 0
+    replica_before = snapshot(dst / "closed")
+    os.chmod(src / "closed", 0o000)
+    (src / "open.txt").write_text("changed")
+    proc = unprivileged.run(src, dst, 1, log, "--once")
+    assert proc.returncode == 1
+    assert "ERROR   closed: cannot list directory: Permission denied (EACCES)" in log.read_text()
+    assert snapshot(dst / "closed") == replica_before, "nothing under it may be deleted"
+    assert (dst / "open.txt").read_text() == "changed", "the pass goes on"
+
+
+def test_replica_entry_that_cannot_be_removed_is_reported_and_the_pass_goes_on(unprivileged):
+    src, dst, log = setup_trees(unprivileged, {"new.txt": "n"}, {"stuck": {"inside": "x"}})
+    os.chown(dst / "stuck", 0, 0)  # root's directory: nobody cannot empty it
+    os.chmod(dst / "stuck", 0o755)
+    proc = unprivileged.run(src, dst, 1, log, "--once")
+    assert proc.returncode == 1
+    text = log.read_text()
+    assert "stuck/inside: cannot remove: Permission denied (EACCES)" in text
+    assert (dst / "new.txt").read_text() == "n"
+
+
+def test_read_only_directories_are_mirrored_and_updated_by_their_owner(unprivileged):
+    tree = {"ro": Dir({"a": "1", "sub": Dir({"b": "2"}, mode=0o555)}, mode=0o555)}
+    src, dst, log = setup_trees(unprivileged, tree)
+    assert unprivileged.run(src, dst, 1, log, "--once").returncode == 0
+    assert_mirror(src, dst)
+    # Change the contents of the read-only directories; the owner can still mirror them.
+    for d in (src / "ro", src / "ro" / "sub"):
+        os.chmod(d, 0o755)
+    (src / "ro" / "a").write_text("11")
+    os.unlink(src / "ro" / "sub" / "b")
+    (src / "ro" / "c").write_text("3")
+    for d in (src / "ro" / "sub", src / "ro"):
+        os.chmod(d, 0o555)
+    proc = unprivileged.run(src, dst, 1, log, "--once")
+    assert proc.returncode == 0, log.read_text()
+    assert_mirror(src, dst)
+    # Removing a whole read-only tree works too.
+    for d in (src / "ro", src / "ro" / "sub"):
+        os.chmod(d, 0o755)
+    import shutil
+    shutil.rmtree(src / "ro")
+    assert unprivileged.run(src, dst, 1, log, "--once").returncode == 0
+    assert_mirror(src, dst)
+
+
+def test_log_file_that_cannot_be_written_exits_2(unprivileged):
+    src, dst, _ = setup_trees(unprivileged, {"f": "x"})
+    root_owned = unprivileged.base / "root-only"
+    root_owned.mkdir(mode=0o755)
+    if not unprivileged.user_cmd:
+        os.chmod(root_owned, 0o555)
+    proc = unprivileged.run(src, dst, 1, root_owned / "sync.log", "--once")
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1
+    assert "cannot open LOG_FILE" in proc.stderr and "Permission denied" in proc.stderr
+    assert not dst.exists(), "nothing is created when a precondition fails"
