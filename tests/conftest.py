@@ -2,7 +2,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -41,46 +40,43 @@ def cli():
     return run_cli
 
 
-# --- running as an unprivileged user -----------------------------------------
+# --- running without privileges ----------------------------------------------
 #
 # Permission failures are invisible to root.  CI runs as root, so these tests
-# drop to "nobody" with setpriv; run as any other user they run as that user.
+# run sync.py as root *without capabilities* (setpriv empties the bounding
+# set): permission bits then apply to it as to any user, and the interpreter
+# under /root stays reachable, which it would not be for "nobody".  Run by any
+# other user, they run as that user.
 
 
 class Unprivileged:
-    """A scratch folder owned by the unprivileged user, and a way to run sync.py as them."""
+    """A scratch folder, and a way to run sync.py there without privileges."""
 
     def __init__(self, base: Path, user_cmd: tuple):
         self.base = base
         self.user_cmd = user_cmd
 
-    def own(self, *paths):
-        """Hand paths (recursively) to the unprivileged user."""
-        if not self.user_cmd:
-            return
-        for path in paths:
-            for dirpath, dirnames, filenames in os.walk(path):
-                os.lchown(dirpath, 65534, 65534)
-                for name in dirnames + filenames:
-                    os.lchown(os.path.join(dirpath, name), 65534, 65534)
-
     def run(self, *args, timeout=120):
         return run_cli(*args, timeout=timeout, user_cmd=self.user_cmd)
 
+    def give_away(self, path):
+        """Make path belong to another user, so sync.py can't change its mode."""
+        if os.geteuid() != 0:
+            pytest.skip("needs root to give a file to another user")
+        os.chown(path, 65534, 65534)
+
 
 @pytest.fixture
-def unprivileged():
-    if os.geteuid() != 0:
-        base = Path(tempfile.mkdtemp(prefix="syncpy-test-"))
-        yield Unprivileged(base, ())
-    else:
+def unprivileged(tmp_path):
+    base = tmp_path / "unprivileged"
+    base.mkdir()
+    user_cmd = ()
+    if os.geteuid() == 0:
         setpriv = shutil.which("setpriv")
         if setpriv is None:
-            pytest.fail("running as root without setpriv: cannot test permission failures")
-        base = Path(tempfile.mkdtemp(prefix="syncpy-test-"))
-        os.chmod(base, 0o755)
-        user_cmd = (setpriv, "--reuid=65534", "--regid=65534", "--clear-groups")
-        os.chown(base, 65534, 65534)
-        yield Unprivileged(base, user_cmd)
+            pytest.fail("running as root without setpriv (util-linux): cannot test permission failures")
+        user_cmd = (setpriv, "--bounding-set=-all", "--inh-caps=-all")
+        check = subprocess.run([*user_cmd, "cat", "/proc/self/status"], capture_output=True, text=True)
+        assert "CapEff:\t0000000000000000" in check.stdout, "could not drop capabilities"
+    yield Unprivileged(base, user_cmd)
     subprocess.run(["chmod", "-R", "u+rwx", str(base)], check=False)  # undo chmod 000
-    shutil.rmtree(base, ignore_errors=True)

@@ -1,6 +1,6 @@
-"""Permission failures, run as an unprivileged user (root, as in CI, drops to
-nobody with setpriv): each is logged with its path and reason, skipped, and
-retried by the next pass."""
+"""Permission failures, run without privileges (root, as in CI, drops all
+capabilities with setpriv): each is logged with its path and reason, skipped,
+and retried by the next pass."""
 
 import os
 
@@ -12,7 +12,6 @@ def setup_trees(unprivileged, source_tree, replica_tree=None):
     make_tree(src, source_tree)
     if replica_tree is not None:
         make_tree(dst, replica_tree)
-    unprivileged.own(src, *([dst] if replica_tree is not None else []))
     return src, dst, log
 
 
@@ -46,8 +45,7 @@ def test_unlistable_source_directory_does_not_look_empty(unprivileged):
 
 def test_replica_entry_that_cannot_be_removed_is_reported_and_the_pass_goes_on(unprivileged):
     src, dst, log = setup_trees(unprivileged, {"new.txt": "n"}, {"stuck": {"inside": "x"}})
-    os.chown(dst / "stuck", 0, 0)  # root's directory: nobody cannot empty it
-    os.chmod(dst / "stuck", 0o755)
+    unprivileged.give_away(dst / "stuck")  # another user's directory: we cannot empty it
     proc = unprivileged.run(src, dst, 1, log, "--once")
     assert proc.returncode == 1
     text = log.read_text()
@@ -82,11 +80,9 @@ def test_read_only_directories_are_mirrored_and_updated_by_their_owner(unprivile
 
 def test_log_file_that_cannot_be_written_exits_2(unprivileged):
     src, dst, _ = setup_trees(unprivileged, {"f": "x"})
-    root_owned = unprivileged.base / "root-only"
-    root_owned.mkdir(mode=0o755)
-    if not unprivileged.user_cmd:
-        os.chmod(root_owned, 0o555)
-    proc = unprivileged.run(src, dst, 1, root_owned / "sync.log", "--once")
+    read_only = unprivileged.base / "read-only"
+    read_only.mkdir(mode=0o555)
+    proc = unprivileged.run(src, dst, 1, read_only / "sync.log", "--once")
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1
     assert "cannot open LOG_FILE" in proc.stderr and "Permission denied" in proc.stderr
     assert not dst.exists(), "nothing is created when a precondition fails"
