@@ -43,6 +43,7 @@ turns them into log lines, messages and exit codes.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import errno
 import logging
 import logging.handlers
@@ -58,6 +59,11 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable, NamedTuple, Optional
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None
 
 __version__ = "0.1.0"
 
@@ -147,6 +153,8 @@ class Options:
 
     checksum: bool = False  # also compare bytes when size and mtime are equal
     dry_run: bool = False  # report what would be done, change nothing
+    allow_empty_source: bool = False  # let an empty SOURCE empty a non-empty REPLICA
+    max_delete: Optional[int] = None  # refuse a pass that would delete more entries
 
 
 @dataclass
@@ -485,6 +493,7 @@ class _Pass:
         self.report = report
         self.should_stop = should_stop
         self.result = PassResult()
+        self.deleted = 0  # entries removed (or, in a dry run, that would be), temporary files aside
 
     # -- reporting
 
@@ -493,8 +502,20 @@ class _Pass:
         self.report(Event(action, rel, detail))
 
     def fail(self, rel: str, what: str, err: BaseException) -> None:
+        self.error(rel, f"cannot {what}: {_reason(err)}")
+
+    def error(self, rel: str, message: str) -> None:
         self.result.errors += 1
-        self.emit("error", rel, f"cannot {what}: {_reason(err)}")
+        self.emit("error", rel, message)
+
+    def may_delete(self, rel: str) -> bool:
+        """The --max-delete safety net, for a source that changed after the
+        pass counted its deletions (see run_pass)."""
+        limit = self.options.max_delete
+        if limit is None or self.deleted < limit:
+            return True
+        self.error(rel, f"not removed: --max-delete {limit} reached")
+        return False
 
     def stopping(self) -> bool:
         if not self.result.interrupted and self.should_stop():
@@ -605,6 +626,13 @@ class _Pass:
                 self.close(frame)
                 self.fail(rel, "list replica directory", err)
                 return None
+
+        if frame.parent is None and not self.options.allow_empty_source and _looks_unmounted(src, dst):
+            self.close(frame)
+            self.error("", "SOURCE is empty but REPLICA is not: refusing to delete everything in "
+                           "REPLICA (an unmounted drive looks like this); nothing was changed. "
+                           "Use --allow-empty-source if SOURCE is meant to be empty.")
+            return None
 
         keep = set()  # names whose replica entry must not be touched this pass
         for name, err in unreadable:
@@ -767,6 +795,8 @@ class _Pass:
             return False
         if have.kind == DIR:
             return self.remove_tree(frame.dd, name, rel)
+        if not _is_temp(name, have) and not self.may_delete(rel):
+            return False
         if not self.options.dry_run:
             try:
                 path, fd = _at(frame.dd, name)
@@ -780,9 +810,10 @@ class _Pass:
         return True
 
     def emit_removed(self, name, rel, entry: Entry) -> None:
-        if entry.kind == FILE and _TEMP_NAME.match(name):
+        if _is_temp(name, entry):
             self.emit("temp", rel)
         else:
+            self.deleted += 1
             self.emit("remove", rel, entry.kind)
 
     def remove_tree(self, parent, name, rel) -> bool:
@@ -828,6 +859,9 @@ class _Pass:
                         if not descend(d, child, child_rel):
                             level[5] = False
                         continue
+                    if not _is_temp(child, entry) and not self.may_delete(child_rel):
+                        level[5] = False
+                        continue
                     if not dry:
                         try:
                             path, fd = _at(d, child)
@@ -842,7 +876,7 @@ class _Pass:
                     continue
                 stack.pop()
                 _close_dir(d)
-                ok = ok and not remaining
+                ok = ok and not remaining and self.may_delete(r)
                 if ok and not dry:
                     try:
                         path, fd = _at(p, n)
@@ -851,6 +885,7 @@ class _Pass:
                         self.fail(r, "remove directory", err)
                         ok = False
                 if ok:
+                    self.deleted += 1
                     self.emit("rmdir", r)
                 elif stack:
                     stack[-1][5] = False
@@ -860,6 +895,17 @@ class _Pass:
             for level in stack:
                 _close_dir(level[3])
         return False
+
+
+def _is_temp(name: str, entry: Entry) -> bool:
+    return entry.kind == FILE and bool(_TEMP_NAME.match(name))
+
+
+def _looks_unmounted(src: dict, dst: dict) -> bool:
+    """An empty SOURCE root beside a non-empty REPLICA root."""
+    def real(entries):
+        return any(not _is_temp(name, entry) for name, entry in entries.items())
+    return not real(src) and real(dst)
 
 
 def _special_kind(mode: int) -> str:
@@ -885,10 +931,28 @@ def run_pass(source: str, replica: str, options: Options = None,
     Item failures are counted in the result, never raised.
     """
     started = time.monotonic()
-    work = _Pass(options or Options(), report, should_stop)
-    work.run(os.fspath(source), os.fspath(replica))
+    options = options or Options()
+    source, replica = os.fspath(source), os.fspath(replica)
+    work = _Pass(options, report, should_stop)
+    would_delete = _count_deletions(source, replica, options, should_stop)
+    if would_delete is not None and would_delete > options.max_delete:
+        work.error("", f"this pass would delete {would_delete} entries, more than "
+                       f"--max-delete {options.max_delete}; nothing was changed. If that many "
+                       "deletions are intended, run once with a higher --max-delete.")
+    else:
+        work.run(source, replica)
     work.result.duration = time.monotonic() - started
     return work.result
+
+
+def _count_deletions(source, replica, options: Options, should_stop) -> Optional[int]:
+    """With --max-delete, how many entries the pass would delete: counted by a
+    dry run first, so that a pass over the limit changes nothing at all."""
+    if options.max_delete is None or options.dry_run:
+        return None
+    probe = _Pass(dataclasses.replace(options, dry_run=True, max_delete=None), _ignore, should_stop)
+    probe.run(source, replica)
+    return probe.deleted
 
 
 # ----------------------------------------------------------------- the loop --
@@ -973,12 +1037,64 @@ def check_paths(source: str, replica: str, log_file: Optional[str]) -> None:
         raise UsageError(f"LOG_FILE {log_file!r}: folder {folder!r} does not exist")
 
 
+def lock_replica(replica: str) -> Optional[int]:
+    """Take an exclusive lock on the REPLICA folder itself; it is held while
+    the returned descriptor stays open.
+
+    No lock file is created, inside the mirror or anywhere else, so there is
+    nothing stale to clean up by hand: the OS drops the lock when the process
+    ends, however it ends.  Raises UsageError when another process holds it,
+    OSError when the file system cannot lock, and returns None where the
+    platform has no flock.
+    """
+    if fcntl is None:  # pragma: no cover - Windows
+        return None
+    fd = os.open(replica, os.O_RDONLY | _O_DIRECTORY | _O_CLOEXEC)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = _lock_holder(os.fstat(fd))
+        os.close(fd)
+        who = f"another sync.py (process {holder})" if holder else "another sync.py"
+        raise UsageError(f"REPLICA {replica!r} is locked by {who}; only one may write "
+                         "to a replica at a time: stop that one, or wait for it to finish") from None
+    except OSError:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _lock_holder(st: os.stat_result) -> Optional[int]:
+    """The process holding a flock on st's file, from /proc/locks, if known."""
+    wanted = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    try:
+        with open("/proc/locks", encoding="ascii", errors="replace") as locks:
+            for line in locks:
+                fields = line.split()
+                if len(fields) > 5 and fields[1] == "FLOCK" and fields[5] == wanted:
+                    return int(fields[4])
+    except (OSError, ValueError):
+        pass  # not Linux, or not readable: the message does without the number
+    return None
+
+
+def parse_count(text: str) -> int:
+    """A whole number, zero or more."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a whole number of zero or more, not {text!r}")
+    return value
+
+
 def parse_interval(text: str) -> float:
     """INTERVAL: a positive, finite number of seconds."""
     try:
         value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"INTERVAL must be a number of seconds, not {text!r}")
+        raise argparse.ArgumentTypeError(f"INTERVAL must be a number of seconds, not {text!r}") from None
     if not (value > 0 and math.isfinite(value)):
         raise argparse.ArgumentTypeError(f"INTERVAL must be a positive number of seconds, not {text!r}")
     return value
@@ -1159,6 +1275,12 @@ def _build_parser() -> argparse.ArgumentParser:
                         help="log what would be done, change nothing")
     parser.add_argument("-c", "--checksum", action="store_true",
                         help="also compare contents of files whose size and mtime match")
+    parser.add_argument("--allow-empty-source", action="store_true",
+                        help="let an empty SOURCE empty a non-empty REPLICA (refused by default: "
+                             "an unmounted drive looks empty)")
+    parser.add_argument("--max-delete", type=parse_count, metavar="N",
+                        help="refuse a pass that would delete more than N entries "
+                             "(it changes nothing and fails)")
     parser.add_argument("-q", "--quiet", action="store_true",
                         help="console shows only warnings, errors and pass summaries")
     parser.add_argument("-v", "--verbose", action="store_true", help="add debug detail")
@@ -1206,17 +1328,24 @@ def main(argv=None) -> int:
         try:
             logger = _setup_logging(args.log_file, args.quiet, args.verbose)
         except OSError as err:
-            raise UsageError(f"cannot open LOG_FILE {args.log_file!r}: {_reason(err)}")
-        if not args.dry_run:
+            raise UsageError(f"cannot open LOG_FILE {args.log_file!r}: {_reason(err)}") from None
+        lock = None
+        if not args.dry_run:  # a dry run changes nothing, so it may run beside a real one
             try:
                 os.makedirs(args.replica, exist_ok=True)
             except OSError as err:
-                raise UsageError(f"cannot create REPLICA {args.replica!r}: {_reason(err)}")
+                raise UsageError(f"cannot create REPLICA {args.replica!r}: {_reason(err)}") from None
+            try:
+                lock = lock_replica(args.replica)
+            except OSError as err:
+                logger.warning("cannot lock REPLICA (%s): make sure no other sync.py writes to it",
+                               _reason(err))
     except UsageError as err:
         print(f"sync.py: error: {err}", file=sys.stderr)
         return EXIT_USAGE
 
-    options = Options(checksum=args.checksum, dry_run=args.dry_run)
+    options = Options(checksum=args.checksum, dry_run=args.dry_run,
+                      allow_empty_source=args.allow_empty_source, max_delete=args.max_delete)
     _raise_open_file_limit()
     stop, caught = threading.Event(), []
     _install_signal_handlers(stop, caught)
@@ -1232,10 +1361,13 @@ def main(argv=None) -> int:
         logger.log(level, format_summary(result, args.dry_run), extra={"summary": True})
 
     mode = "once" if args.once else f"every {args.interval:g} s"
-    flags = [name for name in ("dry_run", "checksum") if getattr(args, name)]
+    flags = [f"--{name.replace('_', '-')}" for name in ("dry_run", "checksum", "allow_empty_source")
+             if getattr(args, name)]
+    if args.max_delete is not None:
+        flags.append(f"--max-delete {args.max_delete}")
     logger.info("sync.py %s started: %s -> %s, %s%s, log %s", __version__,
                 _show(args.source), _show(args.replica), mode,
-                "".join(f", --{f.replace('_', '-')}" for f in flags), _show(args.log_file),
+                "".join(f", {flag}" for flag in flags), _show(args.log_file),
                 extra={"summary": True})
     try:
         if args.once:
@@ -1248,6 +1380,8 @@ def main(argv=None) -> int:
         return EXIT_FAILED
     finally:
         signal.signal(signal.SIGINT, signal.default_int_handler)
+        if lock is not None:
+            os.close(lock)
     if caught:
         logger.info("stopped by %s", caught[0], extra={"summary": True})
     else:

@@ -130,11 +130,12 @@ def main() -> None:
     parser.add_argument("--root", default="/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir())
     args = parser.parse_args()
     base = Path(tempfile.mkdtemp(prefix="syncpy-bench-", dir=args.root))
-    print(f"trees under {base} ({'tmpfs' if str(base).startswith('/dev/shm') else 'temp folder'}); "
-          f"{args.repeat} runs each; {sys.version.split()[0]}; "
-          f"{subprocess.run(['rsync', '--version'], capture_output=True, text=True).stdout.split(chr(10))[0] if shutil.which('rsync') else 'rsync not installed'}")
-    print(f"| case | sync.py median s | rsync median s | ratio | sync.py peak RSS MiB | rsync peak RSS MiB |")
-    print(f"|---|---:|---:|---:|---:|---:|")
+    rsync = (subprocess.run(["rsync", "--version"], capture_output=True, text=True).stdout.splitlines()[0]
+             if shutil.which("rsync") else "rsync not installed")
+    where = "tmpfs" if str(base).startswith("/dev/shm") else "temp folder"
+    print(f"trees under {base} ({where}); {args.repeat} runs each; Python {sys.version.split()[0]}; {rsync}")
+    print("| case | sync.py median s | rsync median s | ratio | sync.py peak RSS MiB | rsync peak RSS MiB |")
+    print("|---|---:|---:|---:|---:|---:|")
     try:
         for key in args.cases or CASES:
             result = run_case(key, CASES[key], base, args.repeat)

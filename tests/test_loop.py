@@ -2,7 +2,6 @@
 source that goes away and comes back."""
 
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -12,7 +11,7 @@ import pytest
 
 import sync
 from conftest import SYNC_PY
-from trees import assert_mirror, make_tree, snapshot
+from trees import assert_mirror, make_tree
 
 
 class FakeTime:

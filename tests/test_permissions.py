@@ -54,7 +54,7 @@ def test_replica_entry_that_cannot_be_removed_is_reported_and_the_pass_goes_on(u
 
 
 def test_read_only_directories_are_mirrored_and_updated_by_their_owner(unprivileged):
-    tree = {"ro": Dir({"a": "1", "sub": Dir({"b": "2"}, mode=0o555)}, mode=0o555)}
+    tree = {"ro": Dir({"a": "1", "sub": Dir({"b": "2"}, mode=0o555)}, mode=0o555), "keep": "k"}
     src, dst, log = setup_trees(unprivileged, tree)
     assert unprivileged.run(src, dst, 1, log, "--once").returncode == 0
     assert_mirror(src, dst)
