@@ -57,6 +57,7 @@ import sys
 import threading
 import time
 from collections import Counter
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable, NamedTuple, Optional
 
@@ -81,6 +82,10 @@ TEMP_SUFFIX = ".tmp"
 _TEMP_NAME = re.compile(r"\.syncpy-[0-9a-f]{16}\.tmp\Z")
 
 COPY_CHUNK = 1 << 20  # bytes per read for the buffered copy and comparisons
+DEFAULT_WORKERS = 4  # threads that copy and compare large files
+# Threads pay only where one system call moves much data and releases the GIL
+# for long: below this size, the GIL hand-offs cost more than they win.
+PARALLEL_MIN_SIZE = 1 << 20
 
 _O_BINARY = getattr(os, "O_BINARY", 0)
 _O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
@@ -139,6 +144,7 @@ ACTIONS = {
     "remove": logging.INFO,  # removed a file, link or special file
     "rmdir": logging.INFO,  # removed a directory
     "temp": logging.INFO,  # removed a temporary file left by an interrupted pass
+    "move": logging.INFO,  # renamed a replica entry the source renamed (detail: old path)
     "vanished": logging.INFO,  # a source file disappeared before it could be copied
     "skip": logging.WARNING,  # a source entry that is never mirrored (special file)
     "changed": logging.WARNING,  # a source file changed while it was being copied
@@ -155,6 +161,7 @@ class Options:
     dry_run: bool = False  # report what would be done, change nothing
     allow_empty_source: bool = False  # let an empty SOURCE empty a non-empty REPLICA
     max_delete: Optional[int] = None  # refuse a pass that would delete more entries
+    workers: int = DEFAULT_WORKERS  # threads for large files; 1 does all in the caller's
 
 
 @dataclass
@@ -232,14 +239,11 @@ else:  # pragma: no cover - exercised on Windows only
         pass
 
 
+_KINDS = {stat.S_IFREG: FILE, stat.S_IFDIR: DIR, stat.S_IFLNK: LINK}
+
+
 def _kind(mode: int) -> str:
-    if stat.S_ISREG(mode):
-        return FILE
-    if stat.S_ISDIR(mode):
-        return DIR
-    if stat.S_ISLNK(mode):
-        return LINK
-    return SPECIAL
+    return _KINDS.get(stat.S_IFMT(mode), SPECIAL)
 
 
 def _scan(d) -> tuple[dict, list]:
@@ -249,17 +253,20 @@ def _scan(d) -> tuple[dict, list]:
     could not be examined.  An entry that vanished since it was listed is
     simply absent.  Raises OSError when the directory itself cannot be listed.
     """
+    # This loop runs once per entry on both sides: it is kept lean on purpose
+    # (tuple.__new__ skips the NamedTuple's Python-level constructor).
     entries, failed = {}, []
+    make, kinds, ifmt = tuple.__new__, _KINDS, 0o170000
     with os.scandir(d) as listing:
         for item in listing:
             name = item.name
             try:
                 if item.is_symlink():  # answered by d_type: no stat needed
                     path, fd = _at(d, name)
-                    entries[name] = Entry(LINK, None, os.readlink(path, dir_fd=fd))
+                    entries[name] = make(Entry, (LINK, None, os.readlink(path, dir_fd=fd)))
                 else:
                     st = item.stat(follow_symlinks=False)
-                    entries[name] = Entry(_kind(st.st_mode), st)
+                    entries[name] = make(Entry, (kinds.get(st.st_mode & ifmt, SPECIAL), st, None))
             except FileNotFoundError:
                 continue
             except OSError as err:
@@ -285,11 +292,11 @@ def _open_source_file(d, name) -> int:
     return os.open(path, flags, dir_fd=fd)
 
 
-def _same_contents(sd, dd, name) -> bool:
-    """Compare the bytes of NAME in the two directories."""
+def _same_contents(sd, dd, name, dst_name=None) -> bool:
+    """Compare the bytes of NAME in sd with those of DST_NAME (or NAME) in dd."""
     fa = _open_source_file(sd, name)
     try:
-        fb = _open_source_file(dd, name)
+        fb = _open_source_file(dd, dst_name or name)
         try:
             while True:
                 a = os.read(fa, COPY_CHUNK)
@@ -451,18 +458,121 @@ def _make_writable(d, mode: int) -> int:
     return wanted
 
 
+class _Listing(NamedTuple):
+    """Both sides of one directory pair, as _list_pair found them."""
+
+    src: Optional[dict] = None
+    unreadable: Optional[list] = None
+    dst: Optional[dict] = None  # the walk updates it as it renames and removes
+    dst_unreadable: Optional[list] = None
+    failure: Optional[tuple] = None  # (what could not be done, OSError)
+
+
+def _list_pair(frame) -> _Listing:
+    """Open (below the root) and list both sides of a directory pair.
+
+    Reports nothing: it returns what it found, failures included, and the
+    walk reports them.
+    """
+    if frame.parent is not None:
+        try:
+            frame.sd = _open_dir(frame.parent.sd, frame.name)
+        except OSError as err:
+            return _Listing(failure=("list directory", err))
+        if frame.dst_exists:
+            try:
+                frame.dd = _open_dir(frame.parent.dd, frame.dst_name)
+                if frame.dst_mode is None:  # created by this pass
+                    frame.dst_mode = stat.S_IMODE(os.stat(frame.dd).st_mode)
+            except OSError as err:
+                return _Listing(failure=("list replica directory", err))
+    try:
+        src, unreadable = _scan(frame.sd)
+    except OSError as err:
+        return _Listing(failure=("list directory", err))
+    if frame.dd is None:
+        return _Listing(src, unreadable, {}, [])
+    try:
+        dst, dst_unreadable = _scan(frame.dd)
+    except OSError as err:
+        return _Listing(failure=("list replica directory", err))
+    return _Listing(src, unreadable, dst, dst_unreadable)
+
+
+def _file_job(sd, dd, name, compare_first: bool, copy: bool, should_stop) -> tuple:
+    """The slow part of bringing one file up to date; runs in a worker thread.
+
+    Returns ("same",) when compare_first found equal contents, ("differs",)
+    when it found other contents and copy is False, ("copied", bytes, stable),
+    or ("vanished",), ("not regular",), ("stopped",), ("failed", what, OSError).
+    """
+    if should_stop():
+        return ("stopped",)
+    if compare_first:
+        try:
+            if _same_contents(sd, dd, name):
+                return ("same",)
+        except OSError as err:
+            return ("failed", "compare contents", err)
+        if not copy:
+            return ("differs",)
+    try:
+        return ("copied", *_copy_file(sd, dd, name))
+    except _Vanished:
+        return ("vanished",)
+    except _NotRegular:
+        return ("not regular",)
+    except OSError as err:
+        return ("failed", "copy file", err)
+
+
+def _match_moves(gone: dict, new: dict):
+    """Pairs (old name, new name) of one directory's entries that were renamed.
+
+    Candidates need an mtime with a sub-second part (a real write, not a time
+    set in whole seconds by an archiver) and a signature that is unique on
+    both sides.  Directories match on (mtime, mode): renaming a folder does
+    not change its own mtime, and the walk then checks its contents file by
+    file as usual.  Files match on (size, mtime) and the caller compares
+    their bytes before moving.
+    """
+    def key(entry):
+        st = entry.st
+        if st is None or not st.st_mtime_ns % 1_000_000_000:  # links have no st
+            return None
+        if entry.kind == DIR:
+            return (DIR, st.st_mtime_ns, stat.S_IMODE(st.st_mode))
+        if entry.kind == FILE and st.st_size:
+            return (FILE, st.st_size, st.st_mtime_ns)
+        return None
+
+    def unique(entries):
+        found = {}
+        for name, entry in entries.items():
+            k = key(entry)
+            if k is not None:
+                found[k] = None if k in found else name
+        return {k: name for k, name in found.items() if name is not None}
+
+    if not gone or not new:
+        return []
+    olds = unique(gone)
+    return sorted((olds[k], name) for k, name in unique(new).items() if k in olds)
+
+
 # ----------------------------------------------------------------- one pass --
 
 
 class _Frame:
     """A directory pair on the walk's stack."""
 
-    __slots__ = ("parent", "name", "rel", "src_st", "dst_exists", "dst_mode",
+    __slots__ = ("parent", "name", "dst_name", "rel", "src_st", "dst_exists", "dst_mode",
                  "dst_mtime", "sd", "dd", "changed", "writable")
 
     def __init__(self, parent, name, rel, src_st, dst_st, dst_exists):
         self.parent = parent
         self.name = name
+        self.dst_name = name  # differs in a dry run that "moved" the directory
         self.rel = rel
         self.src_st = src_st
         self.dst_exists = dst_exists
@@ -494,6 +604,7 @@ class _Pass:
         self.should_stop = should_stop
         self.result = PassResult()
         self.deleted = 0  # entries removed (or, in a dry run, that would be), temporary files aside
+        self.pool = None  # worker threads, while run() runs
 
     # -- reporting
 
@@ -551,7 +662,12 @@ class _Pass:
             dst_st = os.stat(dd)
             root.dst_mode = stat.S_IMODE(dst_st.st_mode)
             root.dst_mtime = dst_st.st_mtime_ns
-        self.walk(root)
+        try:
+            self.walk(root)
+        finally:
+            if self.pool is not None:
+                self.pool.shutdown(wait=True, cancel_futures=True)
+                self.pool = None
 
     def walk(self, root: _Frame) -> None:
         # Depth first with an explicit stack: (frame, entered).  A directory's
@@ -566,8 +682,7 @@ class _Pass:
                     self.finish(frame)
                     continue
                 if self.stopping():
-                    if frame is root:
-                        self.close(frame)
+                    self.close(frame)
                     continue
                 try:
                     children = self.enter(frame)
@@ -596,36 +711,13 @@ class _Pass:
         cannot be opened or listed.
         """
         rel = frame.rel
-        if frame.parent is not None:
-            try:
-                frame.sd = _open_dir(frame.parent.sd, frame.name)
-            except OSError as err:
-                self.fail(rel, "list directory", err)
-                return None
-            if frame.dst_exists:
-                try:
-                    frame.dd = _open_dir(frame.parent.dd, frame.name)
-                    if frame.dst_mode is None:  # created by this pass
-                        frame.dst_mode = stat.S_IMODE(os.stat(frame.dd).st_mode)
-                except OSError as err:
-                    self.close(frame)
-                    self.fail(rel, "list replica directory", err)
-                    return None
-        try:
-            src, unreadable = _scan(frame.sd)
-        except OSError as err:
-            # An unlistable source directory must not look empty.
+        listing = _list_pair(frame)
+        if listing.failure:
+            # An unlistable source directory must not look empty: touch nothing.
             self.close(frame)
-            self.fail(rel, "list directory", err)
+            self.fail(rel, *listing.failure)
             return None
-        dst, dst_unreadable = {}, []
-        if frame.dd is not None:
-            try:
-                dst, dst_unreadable = _scan(frame.dd)
-            except OSError as err:
-                self.close(frame)
-                self.fail(rel, "list replica directory", err)
-                return None
+        src, dst = listing.src, listing.dst
 
         if frame.parent is None and not self.options.allow_empty_source and _looks_unmounted(src, dst):
             self.close(frame)
@@ -635,10 +727,10 @@ class _Pass:
             return None
 
         keep = set()  # names whose replica entry must not be touched this pass
-        for name, err in unreadable:
+        for name, err in listing.unreadable:
             self.fail(_join(rel, name), "read", err)
             keep.add(name)
-        for name, err in dst_unreadable:
+        for name, err in listing.dst_unreadable:
             self.fail(_join(rel, name), "examine replica entry", err)
             keep.add(name)
         wanted = {}
@@ -649,6 +741,8 @@ class _Pass:
                 self.emit("skip", _join(rel, name), _special_kind(entry.st.st_mode))
                 continue
             wanted[name] = entry
+
+        renamed = self.sync_moves(frame, wanted, dst, keep)
 
         for name in sorted(dst):
             if name in keep:
@@ -662,21 +756,34 @@ class _Pass:
                 else:
                     keep.add(name)
 
-        children = []
+        children, pending = [], []
+        checksum = self.options.checksum
         for name in sorted(wanted):
+            want, have = wanted[name], dst.get(name)
+            if want.kind == FILE:
+                # The no-change path, inline: it runs for nearly every file of most passes.
+                if (have is not None and have.kind == FILE and not checksum
+                        and want.st.st_size == have.st.st_size
+                        and want.st.st_mtime_ns == have.st.st_mtime_ns
+                        and want.st.st_mode == have.st.st_mode):
+                    continue
+                if name in keep:
+                    continue
+                if self.stopping():
+                    break
+                self.sync_file(frame, name, want, have, pending)
+                continue
             if name in keep:
                 continue
             if self.stopping():
                 break
-            want, have = wanted[name], dst.get(name)
-            if want.kind == FILE:
-                self.sync_file(frame, name, want, have)
-            elif want.kind == LINK:
+            if want.kind == LINK:
                 self.sync_link(frame, name, want, have)
             else:
-                child = self.sync_dir(frame, name, want, have)
+                child = self.sync_dir(frame, name, want, have, renamed.get(name, name))
                 if child is not None:
                     children.append(child)
+        self.settle(frame, pending)
         return children
 
     def finish(self, frame: _Frame) -> None:
@@ -713,50 +820,114 @@ class _Pass:
         frame.writable = True
         return True
 
-    def sync_file(self, frame, name, want: Entry, have: Optional[Entry]) -> None:
+    def sync_moves(self, frame, wanted: dict, dst: dict, keep: set) -> dict:
+        """Rename replica entries that the source renamed within this directory,
+        instead of copying them again and deleting the old names.
+
+        Updates dst to match; returns {new name: old name} for directories
+        "moved" in a dry run, which must still be read under their old name.
+        """
+        if frame.dd is None:
+            return {}
+        gone = {n: e for n, e in dst.items() if n not in wanted and n not in keep and not _is_temp(n, e)}
+        new = {n: e for n, e in wanted.items() if n not in dst and n not in keep}
+        renamed = {}
+        for old, name in _match_moves(gone, new):
+            rel = _join(frame.rel, name)
+            if new[name].kind == FILE:
+                # Equal size and mtime across two names is no proof: compare the
+                # bytes (two reads still spare the write of a new copy).
+                try:
+                    if not _same_contents(frame.sd, frame.dd, name, old):
+                        continue
+                except OSError:
+                    continue  # not proven equal: copy it as a new file instead
+            if not self.prepare(frame):
+                return renamed
+            if not self.options.dry_run:
+                try:
+                    old_path, fd = _at(frame.dd, old)
+                    new_path, _ = _at(frame.dd, name)
+                    os.rename(old_path, new_path, src_dir_fd=fd, dst_dir_fd=fd)
+                except OSError:
+                    continue  # e.g. a mount point in between: copy and delete instead
+            elif new[name].kind == DIR:
+                renamed[name] = old
+            dst[name] = dst.pop(old)
+            self.emit("move", rel, _join(frame.rel, old))
+        return renamed
+
+    def sync_file(self, frame, name, want: Entry, have: Optional[Entry], pending: list) -> None:
+        """Bring one file up to date now, or queue the work on pending."""
         rel = _join(frame.rel, name)
-        mode = stat.S_IMODE(want.st.st_mode)
-        if have is not None and _same_signature(want.st, have.st):
-            try:
-                same = not self.options.checksum or _same_contents(frame.sd, frame.dd, name)
-            except OSError as err:
-                self.fail(rel, "compare contents", err)
-                return
-            if same:
-                if stat.S_IMODE(have.st.st_mode) == mode:
-                    return
-                # A second hard link could reach outside the replica: replace instead.
-                if have.st.st_nlink == 1:
-                    if not self.options.dry_run:
-                        try:
-                            _chmod_file(frame.dd, name, mode, have.st)
-                        except OSError as err:
-                            self.fail(rel, "set permissions", err)
-                            return
-                    self.emit("chmod", rel, f"{mode:#o}")
-                    return
-        action = "copy" if have is None else "update"
-        if self.options.dry_run:
+        same_signature = have is not None and _same_signature(want.st, have.st)
+        if same_signature and not self.options.checksum:
+            self.sync_mode(frame, name, rel, want, have)
+            return
+        if not same_signature and self.options.dry_run:
             frame.changed = True
-            self.emit(action, rel, str(want.st.st_size))
+            self.emit("copy" if have is None else "update", rel, str(want.st.st_size))
             return
-        if not self.prepare(frame):
+        if not self.options.dry_run and not self.prepare(frame):
             return
-        try:
-            copied, stable = _copy_file(frame.sd, frame.dd, name)
-        except _Vanished:
-            self.emit("vanished", rel)
+        job = self.submit(want.st.st_size >= PARALLEL_MIN_SIZE, _file_job, frame.sd, frame.dd, name,
+                          same_signature, not self.options.dry_run, self.stopping)
+        pending.append((name, rel, want, have, job))
+
+    def settle(self, frame, pending: list) -> None:
+        """Wait for this directory's queued file work, reporting it in name order."""
+        for name, rel, want, have, job in pending:
+            outcome, *details = job.result()
+            if outcome == "same":
+                self.sync_mode(frame, name, rel, want, have)
+            elif outcome == "differs":  # a dry run with --checksum
+                frame.changed = True
+                self.emit("update", rel, str(want.st.st_size))
+            elif outcome == "copied":
+                copied, stable = details
+                self.result.bytes_copied += copied
+                self.emit("copy" if have is None else "update", rel, str(copied))
+                if not stable:
+                    self.emit("changed", rel)
+            elif outcome == "vanished":
+                self.emit("vanished", rel)
+            elif outcome == "not regular":
+                self.emit("skip", rel, "no longer a regular file")
+            elif outcome == "failed":
+                self.fail(rel, *details)
+            # "stopped": the pass is ending; the next one does it
+
+    def sync_mode(self, frame, name, rel, want: Entry, have: Entry) -> None:
+        """Contents are current: set the permission bits if they differ."""
+        mode = stat.S_IMODE(want.st.st_mode)
+        if stat.S_IMODE(have.st.st_mode) == mode:
             return
-        except _NotRegular:
-            self.emit("skip", rel, "no longer a regular file")
+        if have.st.st_nlink > 1:
+            # A second hard link could reach outside the replica: replace the file instead.
+            if not self.options.dry_run and self.prepare(frame):
+                outcome, *details = _file_job(frame.sd, frame.dd, name, False, True, self.stopping)
+                if outcome == "failed":
+                    self.fail(rel, *details)
+                    return
+            self.emit("chmod", rel, f"{mode:#o}")
             return
-        except OSError as err:
-            self.fail(rel, "copy file", err)
-            return
-        self.result.bytes_copied += copied
-        self.emit(action, rel, str(copied))
-        if not stable:
-            self.emit("changed", rel)
+        if not self.options.dry_run:
+            try:
+                _chmod_file(frame.dd, name, mode, have.st)
+            except OSError as err:
+                self.fail(rel, "set permissions", err)
+                return
+        self.emit("chmod", rel, f"{mode:#o}")
+
+    def submit(self, large: bool, fn, *args) -> Future:
+        """Run fn in a worker thread when the work is large, else here and now."""
+        if large and self.options.workers > 1:
+            if self.pool is None:
+                self.pool = ThreadPoolExecutor(self.options.workers, thread_name_prefix="sync")
+            return self.pool.submit(fn, *args)
+        done = Future()
+        done.set_result(fn(*args))
+        return done
 
     def sync_link(self, frame, name, want: Entry, have: Optional[Entry]) -> None:
         if have is not None and have.target == want.target:
@@ -772,7 +943,7 @@ class _Pass:
                 return
         self.emit("link" if have is None else "relink", rel, want.target)
 
-    def sync_dir(self, frame, name, want: Entry, have: Optional[Entry]):
+    def sync_dir(self, frame, name, want: Entry, have: Optional[Entry], dst_name: str):
         rel = _join(frame.rel, name)
         if have is None:
             if not self.prepare(frame):
@@ -786,7 +957,9 @@ class _Pass:
                     return None
             self.emit("mkdir", rel)
         exists = frame.dd is not None and not (self.options.dry_run and have is None)
-        return _Frame(frame, name, rel, want.st, have.st if have else None, exists)
+        child = _Frame(frame, name, rel, want.st, have.st if have else None, exists)
+        child.dst_name = dst_name
+        return child
 
     def remove(self, frame, name, have: Entry) -> bool:
         """Remove one replica entry (a directory with all it holds)."""
@@ -1112,6 +1285,7 @@ _DONE = {
     "remove": "removed {detail} {path}",
     "rmdir": "removed directory {path}",
     "temp": "removed leftover temporary file {path}",
+    "move": "moved {detail} -> {path}",
     "vanished": "{path} vanished before it could be copied",
     "skip": "skipped {path}: {detail}",
     "changed": "{path} changed while it was being copied; the next pass copies it again",
@@ -1128,9 +1302,10 @@ _WOULD = {
     "remove": "would remove {detail} {path}",
     "rmdir": "would remove directory {path}",
     "temp": "would remove leftover temporary file {path}",
+    "move": "would move {detail} -> {path}",
 }
 _SUMMARY_WORDS = [
-    ("copy", "copied"), ("update", "updated"), ("mkdir", "directories created"),
+    ("copy", "copied"), ("update", "updated"), ("move", "moved"), ("mkdir", "directories created"),
     ("link", "links created"), ("relink", "links updated"), ("chmod", "permissions set"),
     ("remove", "removed"), ("rmdir", "directories removed"), ("temp", "temporary files removed"),
     ("skip", "skipped"), ("changed", "changed while copying"), ("vanished", "vanished"),
@@ -1163,7 +1338,7 @@ def format_event(event: Event, dry_run: bool = False) -> str:
     if event.action == "error" and not event.path:
         template = "{detail}"  # about a root, which the detail names
     size = _human(int(event.detail)) if event.detail.isdigit() else event.detail
-    detail = _show(event.detail) if event.action in ("link", "relink") else event.detail
+    detail = _show(event.detail) if event.action in ("link", "relink", "move") else event.detail
     return template.format(path=_show(event.path), detail=detail, size=size)
 
 
@@ -1281,6 +1456,9 @@ def _build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-delete", type=parse_count, metavar="N",
                         help="refuse a pass that would delete more than N entries "
                              "(it changes nothing and fails)")
+    parser.add_argument("--workers", type=parse_count, metavar="N", default=DEFAULT_WORKERS,
+                        help="threads that copy and compare large files in parallel "
+                             f"(default {DEFAULT_WORKERS}; 1 for none)")
     parser.add_argument("-q", "--quiet", action="store_true",
                         help="console shows only warnings, errors and pass summaries")
     parser.add_argument("-v", "--verbose", action="store_true", help="add debug detail")
@@ -1345,7 +1523,8 @@ def main(argv=None) -> int:
         return EXIT_USAGE
 
     options = Options(checksum=args.checksum, dry_run=args.dry_run,
-                      allow_empty_source=args.allow_empty_source, max_delete=args.max_delete)
+                      allow_empty_source=args.allow_empty_source, max_delete=args.max_delete,
+                      workers=max(1, args.workers))
     _raise_open_file_limit()
     stop, caught = threading.Event(), []
     _install_signal_handlers(stop, caught)
@@ -1377,6 +1556,10 @@ def main(argv=None) -> int:
                              on_pass, stop)
     except KeyboardInterrupt:
         logger.warning("stopped at once by a second signal")
+        return EXIT_FAILED
+    except Exception:
+        logger.critical("internal error: this is a bug in sync.py; please report it with "
+                        "these lines", exc_info=True)
         return EXIT_FAILED
     finally:
         signal.signal(signal.SIGINT, signal.default_int_handler)

@@ -18,6 +18,7 @@ file is not collected by pytest: speed is a goal, never a test assertion.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import shutil
 import statistics
@@ -50,21 +51,69 @@ def copy_tree(src: Path, dst: Path) -> None:
     subprocess.run(["cp", "-a", f"{src}/.", str(dst)], check=True)
 
 
-class Case:
-    """prepare(src, dst) builds the starting state; every repetition restores
-    DST from a pristine copy where the case changes it."""
+def build_large_files(root: Path, count: int, size: int, folder: str = "") -> None:
+    """count files of size bytes (deterministic, incompressible-looking content)."""
+    target = root / folder if folder else root
+    target.mkdir(parents=True, exist_ok=True)
+    block = hashlib.sha256(b"sync.py").digest() * (1 << 15)  # 1 MiB
+    for i in range(count):
+        path = target / f"large{i}.bin"
+        with open(path, "wb") as f:
+            for offset in range(0, size, len(block)):
+                f.write(bytes([i]) + block[1:min(len(block), size - offset)])
+        os.utime(path, ns=(MTIME * 10**9 + 123_456_789, MTIME * 10**9 + 123_456_789 + i))
 
-    def __init__(self, name, build, mutate=None, replica_from_source=True, restore=True):
+
+def change_one_percent_each(root: Path) -> None:
+    """Modify, delete and add 1% of the files of a small-files tree."""
+    files = sorted(root.rglob("*.dat"))
+    for path in files[0::100]:
+        path.write_bytes(b"modified " + path.name.encode())
+    for path in files[50::100]:
+        path.unlink()
+    for path in files[25::100]:
+        path.with_name("added-" + path.name).write_bytes(b"added")
+
+
+def rename_top_folder(root: Path) -> None:
+    (root / "data").rename(root / "data-renamed")
+
+
+class Case:
+    """build(src) makes the source; the replica starts as a mirror of that
+    source (replica_from_source) or empty; then mutate(src) changes the
+    source.  Where the pass changes the replica (restore), every repetition
+    starts again from a pristine copy."""
+
+    def __init__(self, name, build, mutate=None, replica_from_source=True, restore=True,
+                 sync_args=(), rsync_args=(), repeat=None):
         self.name, self.build, self.mutate = name, build, mutate
         self.replica_from_source, self.restore = replica_from_source, restore
+        self.sync_args, self.rsync_args, self.repeat = sync_args, rsync_args, repeat
 
+
+GIB_FILES = 8, 128 * 1024 * 1024  # 1 GiB as 8 files of 128 MiB
 
 CASES = {
     "initial-small": Case("initial copy, 20,000 files of 0-16 KiB in 400 directories",
                           lambda s: build_small_files(s, 20_000, 400, 16 * 1024),
                           replica_from_source=False),
+    "initial-large": Case("initial copy, 4 files of 128 MiB",
+                          lambda s: build_large_files(s, 4, 128 * 1024 * 1024),
+                          replica_from_source=False),
     "no-change-100k": Case("no-change pass, 100,000 empty files in 2,000 directories",
                            lambda s: build_small_files(s, 100_000, 2_000), restore=False),
+    "incremental-100k": Case("100,000 files, 1% modified, 1% deleted, 1% added",
+                             lambda s: build_small_files(s, 100_000, 2_000, 1024),
+                             mutate=change_one_percent_each),
+    "rename-1g": Case("pass after renaming a directory holding 1 GiB",
+                      lambda s: build_large_files(s, *GIB_FILES, folder="data"),
+                      mutate=rename_top_folder),
+    "checksum-1g": Case("--checksum no-change pass over 1 GiB (rsync -a -c)",
+                        lambda s: build_large_files(s, *GIB_FILES), restore=False,
+                        sync_args=("--checksum",), rsync_args=("-c",)),
+    "no-change-1m": Case("no-change pass, 1,000,000 empty files in 20,000 directories (memory)",
+                         lambda s: build_small_files(s, 1_000_000, 20_000), restore=False, repeat=1),
 }
 
 
@@ -87,7 +136,7 @@ def measure(command: list[str]) -> tuple[float, int]:
     return wall, usage.ru_maxrss
 
 
-def run_case(key: str, case: Case, base: Path, repeat: int) -> dict:
+def run_case(key: str, case: Case, base: Path, repeat: int, extra_args=()) -> dict:
     work = base / key
     shutil.rmtree(work, ignore_errors=True)
     src, pristine = work / "src", work / "pristine"
@@ -100,8 +149,9 @@ def run_case(key: str, case: Case, base: Path, repeat: int) -> dict:
         case.mutate(src)
     log = work / "sync.log"
     commands = {
-        "sync.py": lambda dst: [sys.executable, SYNC_PY, str(src), str(dst), "1", str(log), "--once", "-q"],
-        "rsync": lambda dst: ["rsync", "-a", "--delete", f"{src}/", f"{dst}/"],
+        "sync.py": lambda dst: [sys.executable, SYNC_PY, str(src), str(dst), "1", str(log), "--once", "-q",
+                                *case.sync_args, *extra_args],
+        "rsync": lambda dst: ["rsync", "-a", "--delete", *case.rsync_args, f"{src}/", f"{dst}/"],
     }
     if not shutil.which("rsync"):
         del commands["rsync"]
@@ -110,7 +160,7 @@ def run_case(key: str, case: Case, base: Path, repeat: int) -> dict:
     for dst in replicas.values():
         dst.mkdir()
         copy_tree(pristine, dst)
-    for _ in range(repeat):
+    for _ in range(case.repeat or repeat):
         for tool, make_command in commands.items():  # alternate the tools
             dst = replicas[tool]
             if case.restore:
@@ -127,18 +177,20 @@ def main() -> None:
     parser.add_argument("cases", nargs="*", choices=[[], *CASES], default=[], metavar="CASE",
                         help=f"cases to run (default all): {', '.join(CASES)}")
     parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--sync-args", default="", help="extra options for sync.py, e.g. '--workers 1'")
     parser.add_argument("--root", default="/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir())
     args = parser.parse_args()
     base = Path(tempfile.mkdtemp(prefix="syncpy-bench-", dir=args.root))
     rsync = (subprocess.run(["rsync", "--version"], capture_output=True, text=True).stdout.splitlines()[0]
              if shutil.which("rsync") else "rsync not installed")
     where = "tmpfs" if str(base).startswith("/dev/shm") else "temp folder"
-    print(f"trees under {base} ({where}); {args.repeat} runs each; Python {sys.version.split()[0]}; {rsync}")
+    print(f"trees under {base} ({where}); {args.repeat} runs each; Python {sys.version.split()[0]}; {rsync}; "
+          f"{os.cpu_count()} CPUs; sync.py options: {args.sync_args or '(defaults)'}")
     print("| case | sync.py median s | rsync median s | ratio | sync.py peak RSS MiB | rsync peak RSS MiB |")
     print("|---|---:|---:|---:|---:|---:|")
     try:
         for key in args.cases or CASES:
-            result = run_case(key, CASES[key], base, args.repeat)
+            result = run_case(key, CASES[key], base, args.repeat, args.sync_args.split())
             ours, theirs = result["sync.py"], result.get("rsync")
             ratio = f"{ours[0] / theirs[0]:.2f}" if theirs else "-"
             print(f"| {key}: {CASES[key].name} | {ours[0]:.3f} | {theirs[0]:.3f} | {ratio} | "

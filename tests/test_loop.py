@@ -159,9 +159,10 @@ def test_log_file_moved_by_logrotate_is_reopened(src, dst, log):
     assert proc.returncode == 0
 
 
-def test_signal_during_a_copy_finishes_that_file_then_stops(src, dst, log, monkeypatch):
+@pytest.mark.parametrize("workers", [1, 2])
+def test_stop_during_a_copy_finishes_the_files_in_flight_then_stops(src, dst, workers, monkeypatch):
     # In-process: the stop request arrives while a file is being copied.
-    make_tree(src, {"a": "1" * 1000, "b": "2", "c": "3"})
+    make_tree(src, {f"f{i:02}": str(i) * 1000 for i in range(20)})
     stop_requested = []
     real_copy_bytes = sync._copy_bytes
 
@@ -171,6 +172,12 @@ def test_signal_during_a_copy_finishes_that_file_then_stops(src, dst, log, monke
         return n
 
     monkeypatch.setattr(sync, "_copy_bytes", copy_then_request_stop)
-    result = sync.run_pass(src, dst, should_stop=lambda: bool(stop_requested))
+    monkeypatch.setattr(sync, "PARALLEL_MIN_SIZE", 0)  # small files through the pool too
+    result = sync.run_pass(src, dst, sync.Options(workers=workers), should_stop=lambda: bool(stop_requested))
     assert result.interrupted
-    assert sorted(os.listdir(dst)) == ["a"] and (dst / "a").read_text() == "1" * 1000
+    copied = sorted(os.listdir(dst))
+    assert 1 <= len(copied) <= workers, "each worker finishes at most the file it had begun"
+    if workers == 1:
+        assert copied == ["f00"]
+    for name in copied:
+        assert (dst / name).read_bytes() == (src / name).read_bytes()

@@ -295,7 +295,7 @@ def test_missing_replica_is_created(src, tmp_path):
 def test_dry_run_reports_everything_and_changes_nothing(src, dst):
     make_tree(src, {"new.txt": "n", "changed.txt": "new", "newdir": {"inner": {"f": "1"}},
                     "l": Link("new.txt")})
-    make_tree(dst, {"changed.txt": "old!", "stale": {"x": "1"}, "gone.txt": "g"})
+    make_tree(dst, {"changed.txt": "old!", "stale": Dir({"x": "1"}, mode=0o700), "gone.txt": "g"})
     before_src, before_dst = snapshot(src), snapshot(dst)
     result, events = sync_once(src, dst, dry_run=True)
     assert snapshot(src) == before_src and snapshot(dst) == before_dst
@@ -360,6 +360,71 @@ def test_deep_tree_beyond_recursion_limit_and_path_max(src, dst, deep_cleanup):
     copied = actions(events, "copy")
     assert copied == ["/".join([name] * depth + ["leaf.txt"])]
     # And removing it again is just as deep.
-    os.rename(src / name, src / "moved")
-    result, events = sync_once(src, dst)
+    subprocess.run(["rm", "-rf", str(src / name)], check=True)
+    result, events = sync_once(src, dst, allow_empty_source=True)
     assert result.exact and len(actions(events, "rmdir")) == depth
+
+
+# --- moves and renames inside SOURCE ---------------------------------------------
+
+
+def inode(path):
+    return os.lstat(path).st_ino
+
+
+def test_renamed_directory_is_moved_not_copied(src, dst):
+    make_tree(src, {"photos": {"a.jpg": os.urandom(5000), "sub": {"b.jpg": os.urandom(7000)}}, "k": "k"})
+    os.utime(src / "photos", ns=(0, 1_700_000_000_123_456_789))
+    sync_once(src, dst)
+    before = inode(dst / "photos" / "sub" / "b.jpg")
+    os.rename(src / "photos", src / "pictures")
+    result, events = sync_once(src, dst)
+    assert [(e.action, e.path, e.detail) for e in events] == [("move", "pictures", "photos")]
+    assert inode(dst / "pictures" / "sub" / "b.jpg") == before
+    assert_mirror(src, dst)
+
+
+def test_renamed_directory_with_changes_inside_is_moved_then_fixed(src, dst):
+    make_tree(src, {"d1": {"a": "1", "b": "2"}, "k": "k"})
+    os.utime(src / "d1", ns=(0, 1_700_000_000_000_000_001))
+    sync_once(src, dst)
+    os.rename(src / "d1", src / "d2")
+    stamp = os.lstat(src / "d2").st_mtime_ns
+    (src / "d2" / "a").write_text("changed")
+    os.unlink(src / "d2" / "b")
+    os.utime(src / "d2", ns=(0, stamp))  # as if the edits came before the rename
+    expected = [("move", "d2"), ("remove", "d2/b"), ("update", "d2/a")]
+    result, dry = sync_once(src, dst, dry_run=True)
+    assert [(e.action, e.path) for e in dry] == expected
+    result, real = sync_once(src, dst)
+    assert [(e.action, e.path) for e in real] == expected
+    assert_mirror(src, dst)
+
+
+def test_renamed_file_is_moved_after_its_bytes_are_compared(src, dst):
+    make_tree(src, {"big.iso": File(os.urandom(100_000), mtime_ns=1_700_000_000_000_000_007), "k": "k"})
+    sync_once(src, dst)
+    before = inode(dst / "big.iso")
+    os.rename(src / "big.iso", src / "renamed.iso")
+    result, events = sync_once(src, dst)
+    assert [(e.action, e.path, e.detail) for e in events] == [("move", "renamed.iso", "big.iso")]
+    assert inode(dst / "renamed.iso") == before
+    assert_mirror(src, dst)
+
+
+def test_same_size_and_mtime_under_another_name_is_not_taken_for_a_move(src, dst):
+    stamp = 1_700_000_000_000_000_009
+    make_tree(src, {"new.txt": File("AAAA", mtime_ns=stamp), "k": "k"})
+    make_tree(dst, {"old.txt": File("BBBB", mtime_ns=stamp), "k": "k"})
+    result, events = sync_once(src, dst)
+    assert sorted(e.action for e in events) == ["copy", "remove"]
+    assert_mirror(src, dst)
+
+
+def test_whole_second_times_are_never_matched(src, dst):
+    make_tree(src, {"d": Dir({"f": "x"}, mtime_ns=1_700_000_000_000_000_000), "k": "k"})
+    sync_once(src, dst)
+    os.rename(src / "d", src / "e")
+    result, events = sync_once(src, dst)
+    assert "move" not in [e.action for e in events]
+    assert_mirror(src, dst)

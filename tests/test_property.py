@@ -6,6 +6,7 @@ import itertools
 import os
 import shutil
 import tempfile
+from unittest import mock
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -101,9 +102,11 @@ class Source:
 @settings(max_examples=int(os.environ.get("SYNCPY_PROPERTY_EXAMPLES", "75")), deadline=None,
           suppress_health_check=[HealthCheck.too_slow])
 @given(batches=st.lists(st.lists(OPERATIONS, min_size=1, max_size=5), min_size=1, max_size=6),
-       checksum=st.booleans())
-def test_replica_equals_source_after_every_pass(batches, checksum):
-    with tempfile.TemporaryDirectory() as scratch:
+       checksum=st.booleans(), workers=st.sampled_from([1, 3]))
+def test_replica_equals_source_after_every_pass(batches, checksum, workers):
+    # With workers, every copy goes through the thread pool, however small.
+    parallel = mock.patch.object(sync, "PARALLEL_MIN_SIZE", 0 if workers > 1 else sync.PARALLEL_MIN_SIZE)
+    with parallel, tempfile.TemporaryDirectory() as scratch:
         src, dst = os.path.join(scratch, "src"), os.path.join(scratch, "dst")
         os.mkdir(src)
         source = Source(src)
@@ -111,7 +114,8 @@ def test_replica_equals_source_after_every_pass(batches, checksum):
             for op in batch:
                 source.apply(op)
             before = snapshot(src)
-            options = sync.Options(checksum=checksum, allow_empty_source=True)  # sources may empty here
+            options = sync.Options(checksum=checksum, workers=workers,
+                                   allow_empty_source=True)  # sources may empty here
             result = sync.run_pass(src, dst, options)
             assert result.errors == 0 and result.exact
             assert snapshot(src) == before, "SOURCE changed"
