@@ -48,9 +48,12 @@ import errno
 import logging
 import logging.handlers
 import math
+import mmap
 import os
+import pickle
 import re
 import secrets
+import selectors
 import signal
 import stat
 import sys
@@ -82,10 +85,17 @@ TEMP_SUFFIX = ".tmp"
 _TEMP_NAME = re.compile(r"\.syncpy-[0-9a-f]{16}\.tmp\Z")
 
 COPY_CHUNK = 1 << 20  # bytes per read for the buffered copy and comparisons
-DEFAULT_WORKERS = 4  # threads that copy and compare large files
-# Threads pay only where one system call moves much data and releases the GIL
-# for long: below this size, the GIL hand-offs cost more than they win.
+# Worker processes walk separate subtrees at once.  Processes, not threads:
+# a pass is mostly system calls of a microsecond each, and threads spend
+# more handing the GIL around such calls than they win.
+DEFAULT_WORKERS = max(1, min(os.cpu_count() or 1, 8))
+SPLIT_MIN_TASKS = 4  # subtrees per worker before the tree is split among workers
+SPLIT_MAX_DEPTH = 6  # levels the main process walks looking for them
+_CAN_FORK = hasattr(os, "fork") and sys.platform != "darwin"  # fork is unsafe on macOS
+# Threads do pay where one system call moves much data and releases the GIL
+# for long: files from this size are copied and compared by a few threads.
 PARALLEL_MIN_SIZE = 1 << 20
+LARGE_FILE_THREADS = 4
 
 _O_BINARY = getattr(os, "O_BINARY", 0)
 _O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
@@ -161,7 +171,7 @@ class Options:
     dry_run: bool = False  # report what would be done, change nothing
     allow_empty_source: bool = False  # let an empty SOURCE empty a non-empty REPLICA
     max_delete: Optional[int] = None  # refuse a pass that would delete more entries
-    workers: int = DEFAULT_WORKERS  # threads for large files; 1 does all in the caller's
+    workers: int = DEFAULT_WORKERS  # processes that walk subtrees at once; 1: all in the caller's
 
 
 @dataclass
@@ -560,6 +570,58 @@ def _match_moves(gone: dict, new: dict):
     return sorted((olds[k], name) for k, name in unique(new).items() if k in olds)
 
 
+class _Worker:
+    """The parent's view of one worker process."""
+
+    def __init__(self, pid, task_w, msg_r):
+        self.pid, self.task_w, self.msg_r = pid, task_w, msg_r
+        self.task = None  # the task index it was last given
+        self.finished = False  # sent its result
+        self.inbox = _Inbox()
+
+    def close(self):
+        for fd in (self.task_w, self.msg_r):
+            try:
+                os.close(fd)
+            except OSError:
+                pass  # closed already
+
+
+class _Inbox:
+    """Reassembles length-prefixed pickled messages from a pipe."""
+
+    def __init__(self):
+        self.buffer = bytearray()
+
+    def feed(self, data: bytes) -> list:
+        self.buffer += data
+        messages = []
+        while len(self.buffer) >= 4:
+            size = int.from_bytes(self.buffer[:4], "little")
+            if len(self.buffer) < 4 + size:
+                break
+            messages.append(pickle.loads(self.buffer[4:4 + size]))
+            del self.buffer[:4 + size]
+        return messages
+
+
+def _send(fd: int, message) -> None:
+    data = pickle.dumps(message, pickle.HIGHEST_PROTOCOL)
+    view = memoryview(len(data).to_bytes(4, "little") + data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def _read_index(fd: int) -> int:
+    data = b""
+    while len(data) < 4:
+        chunk = os.read(fd, 4 - len(data))
+        if not chunk:
+            return -1  # the parent has gone
+        data += chunk
+    return int.from_bytes(data, "little", signed=True)
+
+
 # ----------------------------------------------------------------- one pass --
 
 
@@ -663,11 +725,17 @@ class _Pass:
             root.dst_mode = stat.S_IMODE(dst_st.st_mode)
             root.dst_mtime = dst_st.st_mtime_ns
         try:
-            self.walk(root)
+            if self.options.workers > 1 and _CAN_FORK and self.options.max_delete is None:
+                self.walk_split(root)
+            else:
+                self.walk(root)
         finally:
-            if self.pool is not None:
-                self.pool.shutdown(wait=True, cancel_futures=True)
-                self.pool = None
+            self.stop_threads()
+
+    def stop_threads(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+            self.pool = None
 
     def walk(self, root: _Frame) -> None:
         # Depth first with an explicit stack: (frame, entered).  A directory's
@@ -697,6 +765,168 @@ class _Pass:
             for frame, entered in stack:
                 if entered or frame is root:
                     self.close(frame)
+
+    # -- the walk split among worker processes
+
+    def walk_split(self, root: _Frame) -> None:
+        """Walk the top levels here, breadth first, until they hold enough
+        subtrees to keep the workers busy; hand those to worker processes;
+        then finish the top levels, deepest first, once all are done."""
+        entered, level, tasks = [], [root], []
+        completed = False
+        try:
+            for _ in range(SPLIT_MAX_DEPTH):
+                tasks = []
+                for frame in level:
+                    if self.stopping():
+                        self.close(frame)
+                        continue
+                    try:
+                        children = self.enter(frame)
+                    except BaseException:
+                        self.close(frame)
+                        raise
+                    if children is not None:
+                        entered.append(frame)
+                        tasks.extend(children)
+                if len(tasks) >= SPLIT_MIN_TASKS * self.options.workers or not tasks:
+                    break
+                level = tasks
+            if len(tasks) > 1 and not self.stopping():
+                self.fan_out(tasks)
+            else:
+                for task in tasks:
+                    self.walk(task)
+            completed = True
+        finally:
+            for frame in reversed(entered):
+                if completed:
+                    self.finish(frame)
+                else:
+                    self.close(frame)
+
+    def fan_out(self, tasks: list) -> None:
+        """Walk tasks (subtrees whose parents are open here) in forked worker
+        processes, handed out one at a time; report their events in task
+        order, as a single process would have."""
+        self.stop_threads()  # no threads may be running across a fork
+        stop_flag = mmap.mmap(-1, 1)  # shared with the workers: set to ask them to stop
+        workers, parent = {}, os.getpid()
+        try:
+            for _ in range(min(self.options.workers, len(tasks))):
+                task_r, task_w = os.pipe()
+                msg_r, msg_w = os.pipe()
+                pid = os.fork()
+                if pid == 0:  # the worker: never returns
+                    code = 70
+                    try:
+                        for w in workers.values():
+                            os.close(w.task_w)
+                            os.close(w.msg_r)
+                        os.close(task_w)
+                        os.close(msg_r)
+                        code = self.serve(tasks, task_r, msg_w, stop_flag, parent)
+                    finally:
+                        os._exit(code)
+                os.close(task_r)
+                os.close(msg_w)
+                workers[msg_r] = _Worker(pid, task_w, msg_r)
+            self.collect(tasks, workers, stop_flag)
+        finally:
+            stop_flag[0] = 1
+            for w in workers.values():
+                w.close()
+                os.waitpid(w.pid, 0)
+
+    def serve(self, tasks, task_r, msg_w, stop_flag, parent) -> int:
+        """A worker's life: walk each task index the parent sends, stream its
+        events back, and end with this worker's share of the counts."""
+        outer_stop = self.should_stop
+        self.should_stop = lambda: stop_flag[0] != 0 or os.getppid() != parent or outer_stop()
+        self.result, self.deleted = PassResult(), 0
+        batch, current = [], [None]
+
+        def report(event):
+            batch.append(event)
+            if len(batch) >= 256:
+                _send(msg_w, ("events", current[0], batch))
+                batch.clear()
+
+        self.report = report
+        while True:
+            index = _read_index(task_r)
+            if index < 0:
+                break
+            current[0] = index
+            self.walk(tasks[index])
+            _send(msg_w, ("done", index, batch))
+            batch.clear()
+        r = self.result
+        _send(msg_w, ("result", dict(r.counts), r.bytes_copied, r.errors, r.interrupted, self.deleted))
+        return 0
+
+    def collect(self, tasks, workers: dict, stop_flag) -> None:
+        """The parent's side of fan_out: hand out tasks, merge what comes back."""
+        handed, reported = 0, 0
+        held, done = {}, set()  # events of tasks ahead of the one being reported
+
+        def hand_out(worker):
+            nonlocal handed
+            worker.task = handed if handed < len(tasks) else -1
+            os.write(worker.task_w, worker.task.to_bytes(4, "little", signed=True))
+            handed += worker.task >= 0
+
+        def forward(index, events, finished):
+            nonlocal reported
+            held.setdefault(index, []).extend(events)
+            if finished:
+                done.add(index)
+            while reported in held and (reported == index or reported in done):
+                for event in held.pop(reported):
+                    self.report(event)
+                if reported not in done:
+                    held[reported] = []
+                    break
+                reported += 1
+
+        selector = selectors.DefaultSelector()
+        for w in workers.values():
+            selector.register(w.msg_r, selectors.EVENT_READ)
+            hand_out(w)
+        alive = dict(workers)
+        while alive:
+            for key, _ in selector.select(timeout=0.2):
+                w = alive[key.fd]
+                data = os.read(w.msg_r, 1 << 16)
+                if not data:  # the worker has ended
+                    selector.unregister(key.fd)
+                    del alive[key.fd]
+                    if not w.finished:
+                        self.error("", f"worker process {w.pid} ended unexpectedly; "
+                                       "the next pass retries what it had not done")
+                        if w.task is not None and w.task >= 0:
+                            forward(w.task, [], True)
+                    continue
+                for message in w.inbox.feed(data):
+                    kind = message[0]
+                    if kind == "events":
+                        forward(message[1], message[2], False)
+                    elif kind == "done":
+                        forward(message[1], message[2], True)
+                        hand_out(w)
+                    else:  # "result": this worker's share
+                        counts, copied, errors, interrupted, deleted = message[1:]
+                        self.result.counts.update(counts)
+                        self.result.bytes_copied += copied
+                        self.result.errors += errors
+                        self.result.interrupted |= interrupted
+                        self.deleted += deleted
+                        w.finished = True
+            if self.stopping():
+                stop_flag[0] = 1
+        selector.close()
+        for index in range(handed, len(tasks)):  # left by workers that died
+            self.walk(tasks[index])
 
     def close(self, frame: _Frame) -> None:
         for d in (frame.sd, frame.dd):
@@ -921,9 +1151,9 @@ class _Pass:
 
     def submit(self, large: bool, fn, *args) -> Future:
         """Run fn in a worker thread when the work is large, else here and now."""
-        if large and self.options.workers > 1:
+        if large:
             if self.pool is None:
-                self.pool = ThreadPoolExecutor(self.options.workers, thread_name_prefix="sync")
+                self.pool = ThreadPoolExecutor(LARGE_FILE_THREADS, thread_name_prefix="sync")
             return self.pool.submit(fn, *args)
         done = Future()
         done.set_result(fn(*args))
@@ -1457,8 +1687,8 @@ def _build_parser() -> argparse.ArgumentParser:
                         help="refuse a pass that would delete more than N entries "
                              "(it changes nothing and fails)")
     parser.add_argument("--workers", type=parse_count, metavar="N", default=DEFAULT_WORKERS,
-                        help="threads that copy and compare large files in parallel "
-                             f"(default {DEFAULT_WORKERS}; 1 for none)")
+                        help="processes that mirror separate subtrees at once "
+                             f"(default: the number of CPUs, at most 8; here {DEFAULT_WORKERS})")
     parser.add_argument("-q", "--quiet", action="store_true",
                         help="console shows only warnings, errors and pass summaries")
     parser.add_argument("-v", "--verbose", action="store_true", help="add debug detail")

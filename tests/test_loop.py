@@ -159,8 +159,8 @@ def test_log_file_moved_by_logrotate_is_reopened(src, dst, log):
     assert proc.returncode == 0
 
 
-@pytest.mark.parametrize("workers", [1, 2])
-def test_stop_during_a_copy_finishes_the_files_in_flight_then_stops(src, dst, workers, monkeypatch):
+@pytest.mark.parametrize("threads", [False, True])
+def test_stop_during_a_copy_finishes_the_files_in_flight_then_stops(src, dst, threads, monkeypatch):
     # In-process: the stop request arrives while a file is being copied.
     make_tree(src, {f"f{i:02}": str(i) * 1000 for i in range(20)})
     stop_requested = []
@@ -172,12 +172,14 @@ def test_stop_during_a_copy_finishes_the_files_in_flight_then_stops(src, dst, wo
         return n
 
     monkeypatch.setattr(sync, "_copy_bytes", copy_then_request_stop)
-    monkeypatch.setattr(sync, "PARALLEL_MIN_SIZE", 0)  # small files through the pool too
-    result = sync.run_pass(src, dst, sync.Options(workers=workers), should_stop=lambda: bool(stop_requested))
+    # With threads, even these small files go through the large-file threads.
+    monkeypatch.setattr(sync, "PARALLEL_MIN_SIZE", 0 if threads else 1 << 60)
+    result = sync.run_pass(src, dst, sync.Options(workers=1), should_stop=lambda: bool(stop_requested))
     assert result.interrupted
     copied = sorted(os.listdir(dst))
-    assert 1 <= len(copied) <= workers, "each worker finishes at most the file it had begun"
-    if workers == 1:
+    assert 1 <= len(copied) <= (sync.LARGE_FILE_THREADS if threads else 1), \
+        "each thread finishes at most the file it had begun"
+    if not threads:
         assert copied == ["f00"]
     for name in copied:
         assert (dst / name).read_bytes() == (src / name).read_bytes()

@@ -104,9 +104,11 @@ class Source:
 @given(batches=st.lists(st.lists(OPERATIONS, min_size=1, max_size=5), min_size=1, max_size=6),
        checksum=st.booleans(), workers=st.sampled_from([1, 3]))
 def test_replica_equals_source_after_every_pass(batches, checksum, workers):
-    # With workers, every copy goes through the thread pool, however small.
-    parallel = mock.patch.object(sync, "PARALLEL_MIN_SIZE", 0 if workers > 1 else sync.PARALLEL_MIN_SIZE)
-    with parallel, tempfile.TemporaryDirectory() as scratch:
+    # With workers, even these tiny trees are split among worker processes
+    # and every copy goes through the large-file threads.
+    split = mock.patch.object(sync, "SPLIT_MIN_TASKS", 0 if workers > 1 else sync.SPLIT_MIN_TASKS)
+    threads = mock.patch.object(sync, "PARALLEL_MIN_SIZE", 0 if workers > 1 else sync.PARALLEL_MIN_SIZE)
+    with split, threads, tempfile.TemporaryDirectory() as scratch:
         src, dst = os.path.join(scratch, "src"), os.path.join(scratch, "dst")
         os.mkdir(src)
         source = Source(src)

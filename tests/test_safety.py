@@ -51,6 +51,14 @@ def versioned_trees(root, rng):
            {k: (v.encode() if isinstance(v, str) else v) for k, v in new.items()}
 
 
+def process_group_alive(pgid):
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
 def test_kill_at_random_moments_never_leaves_a_partial_file(tmp_path):
     rng = random.Random(20261125)
     old, new = versioned_trees(tmp_path, rng)
@@ -69,10 +77,12 @@ def test_kill_at_random_moments_never_leaves_a_partial_file(tmp_path):
     for trial in range(KILL_TRIALS):
         shutil.rmtree(replica)
         shutil.copytree(pristine, replica, symlinks=True)
-        proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                start_new_session=True)
         time.sleep(rng.uniform(0, full_run))  # a random moment, not a wait for something
-        proc.send_signal(signal.SIGKILL)
+        os.killpg(proc.pid, signal.SIGKILL)  # sync.py and its worker processes
         killed += proc.wait() == -signal.SIGKILL
+        wait_for(lambda: not process_group_alive(proc.pid), "the worker processes to be gone")
 
         for dirpath, _, filenames in os.walk(replica):
             for name in filenames:

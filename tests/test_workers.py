@@ -1,0 +1,90 @@
+"""The walk split among worker processes: same result, same log order, and
+a worker that dies costs only its own work."""
+
+import os
+import signal
+
+import pytest
+
+import sync
+from trees import assert_mirror, leftover_temp_files, make_tree
+
+TREE = {f"dir{d:02}": {f"sub{s}": {f"f{f}.txt": f"{d}-{s}-{f}" for f in range(5)} for s in range(3)}
+        for d in range(12)}
+TREE["top.txt"] = "top"
+
+
+def run(src, dst, workers, **options):
+    events = []
+    result = sync.run_pass(src, dst, sync.Options(workers=workers, **options), events.append)
+    return result, events
+
+
+@pytest.fixture(autouse=True)
+def require_fork():
+    if not sync._CAN_FORK:
+        pytest.skip("this platform walks in one process")
+
+
+def test_workers_give_the_same_events_in_the_same_order(tmp_path):
+    results = {}
+    for workers in (1, 3):
+        src, dst = tmp_path / f"src{workers}", tmp_path / f"dst{workers}"
+        make_tree(src, TREE)
+        first = run(src, dst, workers)
+        assert first[0].exact
+        assert_mirror(src, dst)
+        (src / "dir03" / "sub1" / "f2.txt").write_text("changed")
+        (src / "dir07" / "sub0" / "f0.txt").unlink()
+        (src / "dir11" / "new.txt").write_text("new")
+        second = run(src, dst, workers)
+        assert_mirror(src, dst)
+        results[workers] = [(r.counts, r.bytes_copied, r.errors, e) for r, e in (first, second)]
+    assert results[3] == results[1]
+    assert len(results[3][0][3]) == 12 * (1 + 3 * 6) + 1  # every action reported once
+
+
+def test_a_worker_that_dies_costs_only_its_own_work(src, dst, monkeypatch):
+    make_tree(src, TREE)
+    real_serve = sync._Pass.serve
+    first = []
+
+    def serve_or_die(self, *args):
+        if not first:  # the first worker forked dies at once, as if killed
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real_serve(self, *args)
+
+    monkeypatch.setattr(sync._Pass, "serve", serve_or_die)
+    # Only the first child dies: later ones are forked after the parent noted its pid.
+    real_fork = os.fork
+
+    def fork():
+        pid = real_fork()
+        if pid:
+            first.append(pid)
+        return pid
+
+    monkeypatch.setattr(os, "fork", fork)
+    result, events = run(src, dst, 2)
+    errors = [e.detail for e in events if e.action == "error"]
+    assert len(errors) == 1 and "ended unexpectedly" in errors[0]
+    assert leftover_temp_files(dst) == []
+    monkeypatch.undo()
+    result, _ = run(src, dst, 2)
+    assert result.exact
+    assert_mirror(src, dst)
+
+
+def test_a_stop_request_reaches_the_workers(src, dst):
+    make_tree(src, {f"d{i:02}": {f"f{j}": os.urandom(2000) for j in range(40)} for i in range(30)})
+    seen = []
+    result = sync.run_pass(src, dst, sync.Options(workers=2), seen.append, should_stop=lambda: bool(seen))
+    assert result.interrupted and not result.exact
+    copied = sum(len(files) for _, _, files in os.walk(dst))
+    assert copied < 30 * 40
+    for dirpath, _, files in os.walk(dst):  # what was copied is complete
+        for name in files:
+            rel = os.path.relpath(os.path.join(dirpath, name), dst)
+            assert (dst / rel).read_bytes() == (src / rel).read_bytes()
+    assert run(src, dst, 2)[0].exact
+    assert_mirror(src, dst)
