@@ -51,8 +51,8 @@ import math
 import mmap
 import os
 import pickle
+import itertools
 import re
-import secrets
 import selectors
 import signal
 import stat
@@ -324,8 +324,30 @@ def _same_contents(sd, dd, name, dst_name=None) -> bool:
 # ------------------------------------------------------------------ actions --
 
 
+_temp_counter = itertools.count()
+
+
 def _temp_name() -> str:
-    return f"{TEMP_PREFIX}{secrets.token_hex(8)}{TEMP_SUFFIX}"
+    # Unique among running processes (the pid) and within one (a counter); a
+    # clash with a file left by a dead process is met by O_EXCL: see _create_temp.
+    return f"{TEMP_PREFIX}{os.getpid() & 0xFFFFFFFF:08x}{next(_temp_counter) & 0xFFFFFFFF:08x}{TEMP_SUFFIX}"
+
+
+def _create_temp(dd, create):
+    """create(path, dir_fd) under fresh temporary names until one is free;
+    returns (path, dir_fd, what create returned)."""
+    for _ in range(1000):
+        path, fd = _at(dd, _temp_name())
+        try:
+            return path, fd, create(path, fd)
+        except FileExistsError:
+            continue
+    raise FileExistsError(errno.EEXIST, "no free temporary name")
+
+
+def _create_temp_file(path, dir_fd) -> int:
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_NOFOLLOW | _O_CLOEXEC | _O_BINARY
+    return os.open(path, flags, 0o600, dir_fd=dir_fd)
 
 
 def _copy_bytes(fin: int, fout: int, size_hint: int) -> int:
@@ -400,14 +422,7 @@ def _copy_file(sd, dd, name) -> tuple[int, bool]:
         before = os.fstat(fin)
         if not stat.S_ISREG(before.st_mode):
             raise _NotRegular()
-        tmp = _temp_name()
-        tmp_path, tmp_fd = _at(dd, tmp)
-        fout = os.open(
-            tmp_path,
-            os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_NOFOLLOW | _O_CLOEXEC | _O_BINARY,
-            0o600,
-            dir_fd=tmp_fd,
-        )
+        tmp_path, tmp_fd, fout = _create_temp(dd, _create_temp_file)
         try:
             try:
                 copied = _copy_bytes(fin, fout, before.st_size)
@@ -433,9 +448,7 @@ def _copy_file(sd, dd, name) -> tuple[int, bool]:
 
 def _make_link(dd, name, target: str) -> None:
     """Create or replace the link NAME -> target, atomically."""
-    tmp = _temp_name()
-    tmp_path, fd = _at(dd, tmp)
-    os.symlink(target, tmp_path, dir_fd=fd)
+    tmp_path, fd, _ = _create_temp(dd, lambda path, dir_fd: os.symlink(target, path, dir_fd=dir_fd))
     try:
         final_path, _ = _at(dd, name)
         os.replace(tmp_path, final_path, src_dir_fd=fd, dst_dir_fd=fd)
@@ -1606,7 +1619,8 @@ class _ReportOnce:
 
 
 class _LogFile(_ReportOnce, logging.handlers.WatchedFileHandler):
-    """Appends UTF-8; reopens the file when logrotate moves it away."""
+    """Appends UTF-8; reopens the file when logrotate moves it away (checked
+    before every line, so no line goes to a file that rotation has taken)."""
 
     def emit(self, record):
         try:
@@ -1628,8 +1642,19 @@ class _QuietFilter(logging.Filter):
         return record.levelno >= logging.WARNING or getattr(record, "summary", False)
 
 
-_FORMAT = logging.Formatter("%(asctime)s.%(msecs)03d %(levelname)-7s %(message)s",
-                            "%Y-%m-%d %H:%M:%S")
+class _Formatter(logging.Formatter):
+    """The standard format, with the date and time text made once a second."""
+
+    _second, _text = None, ""
+
+    def formatTime(self, record, datefmt=None):  # noqa: N802 - logging's name
+        second = int(record.created)
+        if second != self._second:
+            self._second, self._text = second, time.strftime(datefmt, self.converter(second))
+        return self._text
+
+
+_FORMAT = _Formatter("%(asctime)s.%(msecs)03d %(levelname)-7s %(message)s", "%Y-%m-%d %H:%M:%S")
 
 
 def _setup_logging(log_file: str, quiet: bool, verbose: bool) -> logging.Logger:
