@@ -83,6 +83,8 @@ EXIT_USAGE = 2  # bad arguments or a precondition failed; nothing was changed
 TEMP_PREFIX = ".syncpy-"
 TEMP_SUFFIX = ".tmp"
 _TEMP_NAME = re.compile(r"\.syncpy-[0-9a-f]{16}\.tmp\Z")
+# A trash folder per pass: TRASH/2026-11-25_114530.123/<relative path>
+_TRASH_STAMP = re.compile(r"(\d{4}-\d\d-\d\d_\d{6})\.\d{3}\Z")
 
 COPY_CHUNK = 1 << 20  # bytes per read for the buffered copy and comparisons
 # Worker processes walk separate subtrees at once.  Processes, not threads:
@@ -112,6 +114,8 @@ _DIR_FD = (
     and os.chmod in os.supports_fd
     and os.utime in os.supports_fd
     and bool(_O_NOFOLLOW)
+    # Tests set this to run the path-based code that Windows uses, on Linux.
+    and not os.environ.get("SYNCPY_NO_DIR_FD")
 )
 
 # Kinds of entry.
@@ -155,6 +159,8 @@ ACTIONS = {
     "rmdir": logging.INFO,  # removed a directory
     "temp": logging.INFO,  # removed a temporary file left by an interrupted pass
     "move": logging.INFO,  # renamed a replica entry the source renamed (detail: old path)
+    "trash": logging.INFO,  # moved (or, for an update, linked) an old version to the trash
+    "prune": logging.INFO,  # removed a trash folder older than --trash-keep (path: its name)
     "vanished": logging.INFO,  # a source file disappeared before it could be copied
     "skip": logging.WARNING,  # a source entry that is never mirrored (special file)
     "changed": logging.WARNING,  # a source file changed while it was being copied
@@ -172,6 +178,11 @@ class Options:
     allow_empty_source: bool = False  # let an empty SOURCE empty a non-empty REPLICA
     max_delete: Optional[int] = None  # refuse a pass that would delete more entries
     workers: int = DEFAULT_WORKERS  # processes that walk subtrees at once; 1: all in the caller's
+    excludes: Optional["Excludes"] = None  # paths left out of the mirror on both sides
+    delete_excluded: bool = False  # remove excluded paths from REPLICA after all
+    modify_window_ns: int = 0  # mtimes this close count as equal (FAT, SMB)
+    trash: Optional[str] = None  # move what a pass deletes or overwrites here, not destroy it
+    trash_keep_days: Optional[float] = None  # prune trash folders of older passes
 
 
 @dataclass
@@ -205,6 +216,76 @@ class _NotRegular(Exception):
 
 def _ignore(event: Event) -> None:
     pass
+
+
+class Excludes:
+    """Glob patterns for paths left out of the mirror.
+
+    A pattern is matched, case-sensitively, against the entry's path relative
+    to the mirror root when it contains a "/" (a leading "/" is optional),
+    and against the entry's name at any depth when it does not.  A trailing
+    "/" limits it to directories.  "*" and "?" match within one path
+    component, "**" across components, [abc] and [!abc] one character of a
+    set.  An excluded directory is not looked into.
+    """
+
+    def __init__(self, patterns):
+        self.patterns = [p for p in patterns if p.strip("/")]
+        names, paths, dir_names, dir_paths = [], [], [], []
+        for pattern in self.patterns:
+            dir_only = pattern.endswith("/")
+            body = pattern.strip("/") if pattern.startswith("/") else pattern.rstrip("/")
+            anchored = pattern.startswith("/") or "/" in body
+            regex = _glob_regex(body)
+            if anchored:
+                (dir_paths if dir_only else paths).append(regex)
+            else:
+                (dir_names if dir_only else names).append(regex)
+        self._names, self._paths = _union(names), _union(paths)
+        self._dir_names, self._dir_paths = _union(dir_names), _union(dir_paths)
+
+    def __bool__(self):
+        return bool(self.patterns)
+
+    def match(self, rel: str, name: str, is_dir: bool) -> bool:
+        if self._names and self._names.fullmatch(name) or self._paths and self._paths.fullmatch(rel):
+            return True
+        return is_dir and bool(self._dir_names and self._dir_names.fullmatch(name)
+                               or self._dir_paths and self._dir_paths.fullmatch(rel))
+
+
+def _glob_regex(glob: str) -> str:
+    out, i = [], 0
+    while i < len(glob):
+        if glob.startswith("**", i):
+            out.append(".*")
+            i += 2
+            continue
+        c = glob[i]
+        end = glob.find("]", i + 2) if c == "[" else -1
+        if c == "*":
+            out.append("[^/]*")
+        elif c == "?":
+            out.append("[^/]")
+        elif end > 0:
+            inner = glob[i + 1:end]
+            inner = "^" + inner[1:] if inner.startswith("!") else inner
+            out.append("[" + inner.replace("\\", "\\\\") + "]")
+            i = end
+        else:
+            out.append(re.escape(c))
+        i += 1
+    return "".join(out)
+
+
+def _union(regexes: list):
+    return re.compile("|".join(f"(?:{r})" for r in regexes), re.DOTALL) if regexes else None
+
+
+def read_exclude_file(path: str) -> list:
+    """Patterns from a file: one a line; blank lines and lines starting with # are ignored."""
+    with open(path, encoding="utf-8", errors="surrogateescape") as f:
+        return [line.rstrip("\r\n") for line in f if line.strip() and not line.startswith("#")]
 
 
 # ---------------------------------------------- directories, scanning, comparing --
@@ -241,6 +322,7 @@ else:  # pragma: no cover - exercised on Windows only
         return path
 
     def _open_root(path):
+        os.stat(path)  # FileNotFoundError and the like, as os.open would raise
         if not os.path.isdir(path):
             raise NotADirectoryError(errno.ENOTDIR, "Not a directory", path)
         return path
@@ -284,9 +366,9 @@ def _scan(d) -> tuple[dict, list]:
     return entries, failed
 
 
-def _same_signature(a: os.stat_result, b: os.stat_result) -> bool:
-    """Size and mtime equal: the cheap test, as filecmp._sig does."""
-    return a.st_size == b.st_size and a.st_mtime_ns == b.st_mtime_ns
+def _same_signature(a: os.stat_result, b: os.stat_result, window_ns: int = 0) -> bool:
+    """Size equal and mtime equal (within window_ns): the cheap test, as filecmp._sig does."""
+    return a.st_size == b.st_size and abs(a.st_mtime_ns - b.st_mtime_ns) <= window_ns
 
 
 def _open_source_file(d, name) -> int:
@@ -463,6 +545,11 @@ def _make_link(dd, name, target: str) -> None:
 def _chmod_file(dd, name, mode: int, expected: os.stat_result) -> None:
     """Set the permission bits of a replica file in place, never via a link."""
     path, fd = _at(dd, name)
+    if not _DIR_FD:  # by path: a link swapped in between is the stated window
+        if not os.path.samestat(os.lstat(path), expected):
+            raise OSError(errno.ESTALE, "replaced while being updated")
+        os.chmod(path, mode)
+        return
     handle = os.open(path, os.O_RDONLY | _O_NOFOLLOW | _O_NONBLOCK | _O_CLOEXEC, dir_fd=fd)
     try:
         st = os.fstat(handle)
@@ -680,6 +767,8 @@ class _Pass:
         self.result = PassResult()
         self.deleted = 0  # entries removed (or, in a dry run, that would be), temporary files aside
         self.pool = None  # worker threads, while run() runs
+        now = time.time()  # names this pass's trash folder; workers inherit it
+        self.trash_stamp = time.strftime("%Y-%m-%d_%H%M%S", time.localtime(now)) + f".{int(now * 1000) % 1000:03d}"
 
     # -- reporting
 
@@ -731,6 +820,8 @@ class _Pass:
             _close_dir(sd)
             self.fail("", f"open REPLICA {replica!r}", err)
             return
+        if self.options.trash and self.options.trash_keep_days is not None:
+            self.prune_trash()
         root = _Frame(None, None, "", src_st, None, dd is not None)
         root.sd, root.dd = sd, dd
         if dd is not None:
@@ -961,6 +1052,11 @@ class _Pass:
             self.fail(rel, *listing.failure)
             return None
         src, dst = listing.src, listing.dst
+        excluded = self.excluded(rel, src, dst)
+        if excluded:
+            src = {n: e for n, e in src.items() if n not in excluded}
+            if not self.options.delete_excluded:
+                dst = {n: e for n, e in dst.items() if n not in excluded}
 
         if frame.parent is None and not self.options.allow_empty_source and _looks_unmounted(src, dst):
             self.close(frame)
@@ -1000,14 +1096,14 @@ class _Pass:
                     keep.add(name)
 
         children, pending = [], []
-        checksum = self.options.checksum
+        checksum, window = self.options.checksum, self.options.modify_window_ns
         for name in sorted(wanted):
             want, have = wanted[name], dst.get(name)
             if want.kind == FILE:
                 # The no-change path, inline: it runs for nearly every file of most passes.
                 if (have is not None and have.kind == FILE and not checksum
                         and want.st.st_size == have.st.st_size
-                        and want.st.st_mtime_ns == have.st.st_mtime_ns
+                        and abs(want.st.st_mtime_ns - have.st.st_mtime_ns) <= window
                         and want.st.st_mode == have.st.st_mode):
                     continue
                 if name in keep:
@@ -1029,6 +1125,18 @@ class _Pass:
         self.settle(frame, pending)
         return children
 
+    def excluded(self, rel: str, src: dict, dst: dict) -> set:
+        """Names in this directory that --exclude leaves out of the mirror."""
+        patterns = self.options.excludes
+        if not patterns:
+            return set()
+        found = {n for n, e in src.items() if patterns.match(_join(rel, n), n, e.kind == DIR)}
+        # A replica entry is left alone when its path is excluded and the
+        # source does not want that name (as a kind the pattern allows).
+        found |= {n for n, e in dst.items()
+                  if n not in src and patterns.match(_join(rel, n), n, e.kind == DIR)}
+        return found
+
     def finish(self, frame: _Frame) -> None:
         """Give a replica directory the source's permission bits and mtime."""
         try:
@@ -1038,7 +1146,8 @@ class _Pass:
             try:
                 if frame.dst_mode != src_mode:
                     os.chmod(frame.dd, src_mode)
-                if frame.changed or frame.dst_mtime != frame.src_st.st_mtime_ns:
+                if frame.changed or frame.dst_mtime is None or \
+                        abs(frame.dst_mtime - frame.src_st.st_mtime_ns) > self.options.modify_window_ns:
                     os.utime(frame.dd, ns=(frame.src_st.st_atime_ns, frame.src_st.st_mtime_ns))
             except OSError as err:
                 self.fail(frame.rel, "set directory permissions and times", err)
@@ -1103,18 +1212,26 @@ class _Pass:
     def sync_file(self, frame, name, want: Entry, have: Optional[Entry], pending: list) -> None:
         """Bring one file up to date now, or queue the work on pending."""
         rel = _join(frame.rel, name)
-        same_signature = have is not None and _same_signature(want.st, have.st)
+        same_signature = have is not None and _same_signature(want.st, have.st, self.options.modify_window_ns)
         if same_signature and not self.options.checksum:
             self.sync_mode(frame, name, rel, want, have)
             return
+        trash = bool(self.options.trash) and have is not None
         if not same_signature and self.options.dry_run:
             frame.changed = True
+            if trash:
+                self.to_trash(frame, name, rel, keep=True)
             self.emit("copy" if have is None else "update", rel, str(want.st.st_size))
             return
         if not self.options.dry_run and not self.prepare(frame):
             return
+        if trash and not same_signature and not self.to_trash(frame, name, rel, keep=True):
+            return
+        # With a trash, a comparison only compares: settle() keeps the old
+        # version in the trash before it copies.
+        copy = not self.options.dry_run and not trash
         job = self.submit(want.st.st_size >= PARALLEL_MIN_SIZE, _file_job, frame.sd, frame.dd, name,
-                          same_signature, not self.options.dry_run, self.stopping)
+                          same_signature, copy or not same_signature, self.stopping)
         pending.append((name, rel, want, have, job))
 
     def settle(self, frame, pending: list) -> None:
@@ -1123,16 +1240,21 @@ class _Pass:
             outcome, *details = job.result()
             if outcome == "same":
                 self.sync_mode(frame, name, rel, want, have)
-            elif outcome == "differs":  # a dry run with --checksum
+            elif outcome == "differs":  # --checksum found other bytes; nothing copied yet
                 frame.changed = True
-                self.emit("update", rel, str(want.st.st_size))
-            elif outcome == "copied":
+                if self.options.trash and not self.to_trash(frame, name, rel, keep=True):
+                    continue
+                if self.options.dry_run:
+                    self.emit("update", rel, str(want.st.st_size))
+                    continue
+                outcome, *details = _file_job(frame.sd, frame.dd, name, False, True, self.stopping)
+            if outcome == "copied":
                 copied, stable = details
                 self.result.bytes_copied += copied
                 self.emit("copy" if have is None else "update", rel, str(copied))
                 if not stable:
                     self.emit("changed", rel)
-            elif outcome == "vanished":
+            if outcome == "vanished":
                 self.emit("vanished", rel)
             elif outcome == "not regular":
                 self.emit("skip", rel, "no longer a regular file")
@@ -1178,6 +1300,8 @@ class _Pass:
         rel = _join(frame.rel, name)
         if not self.prepare(frame):
             return
+        if have is not None and self.options.trash and not self.to_trash(frame, name, rel, keep=True):
+            return
         if not self.options.dry_run:
             try:
                 _make_link(frame.dd, name, want.target)
@@ -1209,6 +1333,13 @@ class _Pass:
         rel = _join(frame.rel, name)
         if not self.prepare(frame):
             return False
+        if self.options.trash and not _is_temp(name, have):
+            if not self.may_delete(rel):
+                return False
+            if self.to_trash(frame, name, rel, keep=False):
+                self.deleted += 1
+                return True
+            return False
         if have.kind == DIR:
             return self.remove_tree(frame.dd, name, rel)
         if not _is_temp(name, have) and not self.may_delete(rel):
@@ -1225,6 +1356,66 @@ class _Pass:
         self.emit_removed(name, rel, have)
         return True
 
+    def to_trash(self, frame, name, rel, keep: bool) -> bool:
+        """Move replica entry NAME (keep=False) or link it (keep=True, for a
+        file about to be replaced) to TRASH/<pass stamp>/<rel>."""
+        where = f"{self.trash_stamp}/{rel}"
+        if not self.options.dry_run:
+            try:
+                folder = self.trash_folder(rel)
+                try:
+                    path, fd = _at(frame.dd, name)
+                    target, tfd = _at(folder, name)
+                    if keep:
+                        os.link(path, target, src_dir_fd=fd, dst_dir_fd=tfd, follow_symlinks=False)
+                    else:
+                        os.rename(path, target, src_dir_fd=fd, dst_dir_fd=tfd)
+                finally:
+                    _close_dir(folder)
+            except OSError as err:
+                self.fail(rel, "move the old version to the trash", err)
+                return False
+        self.emit("trash", rel, where)
+        return True
+
+    def prune_trash(self) -> None:
+        """Remove the trash folders of passes older than --trash-keep days."""
+        limit = time.time() - self.options.trash_keep_days * 86400
+        try:
+            d = _open_root(self.options.trash)
+        except OSError as err:
+            self.fail("", f"open TRASH {self.options.trash!r}", err)
+            return
+        try:
+            for name in sorted(_scan(d)[0]):
+                match = _TRASH_STAMP.match(name)
+                if not match or time.mktime(time.strptime(match[1], "%Y-%m-%d_%H%M%S")) >= limit:
+                    continue
+                if self.options.dry_run or self.remove_tree(d, name, name, accounting=False):
+                    self.emit("prune", name)
+        except OSError as err:
+            self.fail("", f"list TRASH {self.options.trash!r}", err)
+        finally:
+            _close_dir(d)
+
+    def trash_folder(self, rel: str):
+        """Open (creating) the folder of TRASH/<pass stamp> that rel goes into."""
+        d = _open_root(self.options.trash)
+        try:
+            for part in [self.trash_stamp, *rel.split("/")[:-1]]:
+                path, fd = _at(d, part)
+                try:
+                    os.mkdir(path, 0o700, dir_fd=fd)
+                except FileExistsError:
+                    pass  # made by an earlier item (or another worker) of this pass
+                inner = _open_dir(d, part)
+                _close_dir(d)
+                d = inner
+        except BaseException:
+            _close_dir(d)
+            raise
+        return d
+
     def emit_removed(self, name, rel, entry: Entry) -> None:
         if _is_temp(name, entry):
             self.emit("temp", rel)
@@ -1232,7 +1423,7 @@ class _Pass:
             self.deleted += 1
             self.emit("remove", rel, entry.kind)
 
-    def remove_tree(self, parent, name, rel) -> bool:
+    def remove_tree(self, parent, name, rel, accounting=True) -> bool:
         """Remove a replica directory and everything in it, deepest first.
 
         Iterative and descriptor-based like shutil.rmtree's safe variant: every
@@ -1275,7 +1466,7 @@ class _Pass:
                         if not descend(d, child, child_rel):
                             level[5] = False
                         continue
-                    if not _is_temp(child, entry) and not self.may_delete(child_rel):
+                    if accounting and not _is_temp(child, entry) and not self.may_delete(child_rel):
                         level[5] = False
                         continue
                     if not dry:
@@ -1288,11 +1479,12 @@ class _Pass:
                             self.fail(child_rel, "remove", err)
                             level[5] = False
                             continue
-                    self.emit_removed(child, child_rel, entry)
+                    if accounting:
+                        self.emit_removed(child, child_rel, entry)
                     continue
                 stack.pop()
                 _close_dir(d)
-                ok = ok and not remaining and self.may_delete(r)
+                ok = ok and not remaining and (not accounting or self.may_delete(r))
                 if ok and not dry:
                     try:
                         path, fd = _at(p, n)
@@ -1300,7 +1492,7 @@ class _Pass:
                     except OSError as err:
                         self.fail(r, "remove directory", err)
                         ok = False
-                if ok:
+                if ok and accounting:
                     self.deleted += 1
                     self.emit("rmdir", r)
                 elif stack:
@@ -1464,7 +1656,7 @@ def lock_replica(replica: str) -> Optional[int]:
     platform has no flock.
     """
     if fcntl is None:  # pragma: no cover - Windows
-        return None
+        return _lock_replica_windows(replica)
     fd = os.open(replica, os.O_RDONLY | _O_DIRECTORY | _O_CLOEXEC)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -1480,6 +1672,26 @@ def lock_replica(replica: str) -> Optional[int]:
     return fd
 
 
+def _lock_replica_windows(replica: str) -> Optional[int]:  # pragma: no cover - Windows
+    """Windows cannot lock a folder: lock a file named after the replica in
+    the temp folder (outside the mirror); Windows drops it when we end."""
+    try:
+        import msvcrt
+        import tempfile
+        import zlib
+    except ImportError:
+        return None
+    key = zlib.crc32(os.path.normcase(os.path.realpath(replica)).encode("utf-8", "surrogatepass"))
+    fd = os.open(os.path.join(tempfile.gettempdir(), f"syncpy-{key:08x}.lock"), os.O_RDWR | os.O_CREAT)
+    try:
+        msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+    except OSError:
+        os.close(fd)
+        raise UsageError(f"REPLICA {replica!r} is locked by another sync.py; only one may write "
+                         "to a replica at a time: stop that one, or wait for it to finish") from None
+    return fd
+
+
 def _lock_holder(st: os.stat_result) -> Optional[int]:
     """The process holding a flock on st's file, from /proc/locks, if known."""
     wanted = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
@@ -1492,6 +1704,35 @@ def _lock_holder(st: os.stat_result) -> Optional[int]:
     except (OSError, ValueError):
         pass  # not Linux, or not readable: the message does without the number
     return None
+
+
+def check_trash(trash: str, source: str, replica: str) -> None:
+    """TRASH lies outside both trees, neither inside it, and on REPLICA's file
+    system (old versions are moved there, not copied).  Creates it."""
+    for name, path in (("SOURCE", source), ("REPLICA", replica)):
+        if _is_within(trash, path):
+            raise UsageError(f"TRASH {trash!r} is inside {name} {path!r}; put it beside REPLICA")
+        if _is_within(path, trash):
+            raise UsageError(f"{name} {path!r} is inside TRASH {trash!r}")
+    try:
+        os.makedirs(trash, exist_ok=True)
+        same_device = os.stat(trash).st_dev == os.stat(replica).st_dev
+    except OSError as err:
+        raise UsageError(f"cannot create TRASH {trash!r}: {_reason(err)}") from None
+    if not same_device:
+        raise UsageError(f"TRASH {trash!r} is not on the file system of REPLICA {replica!r}; "
+                         "old versions are moved there, so it must be")
+
+
+def parse_seconds(text: str) -> float:
+    """A number of seconds, zero or more."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not (value >= 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"expected a number of seconds of zero or more, not {text!r}")
+    return value
 
 
 def parse_count(text: str) -> int:
@@ -1529,6 +1770,8 @@ _DONE = {
     "rmdir": "removed directory {path}",
     "temp": "removed leftover temporary file {path}",
     "move": "moved {detail} -> {path}",
+    "trash": "kept old version of {path} in trash as {detail}",
+    "prune": "pruned trash folder {path}",
     "vanished": "{path} vanished before it could be copied",
     "skip": "skipped {path}: {detail}",
     "changed": "{path} changed while it was being copied; the next pass copies it again",
@@ -1546,11 +1789,14 @@ _WOULD = {
     "rmdir": "would remove directory {path}",
     "temp": "would remove leftover temporary file {path}",
     "move": "would move {detail} -> {path}",
+    "trash": "would keep old version of {path} in trash",
+    "prune": "would prune trash folder {path}",
 }
 _SUMMARY_WORDS = [
     ("copy", "copied"), ("update", "updated"), ("move", "moved"), ("mkdir", "directories created"),
     ("link", "links created"), ("relink", "links updated"), ("chmod", "permissions set"),
-    ("remove", "removed"), ("rmdir", "directories removed"), ("temp", "temporary files removed"),
+    ("remove", "removed"), ("rmdir", "directories removed"), ("trash", "kept in trash"),
+    ("prune", "trash folders pruned"), ("temp", "temporary files removed"),
     ("skip", "skipped"), ("changed", "changed while copying"), ("vanished", "vanished"),
 ]
 
@@ -1581,7 +1827,7 @@ def format_event(event: Event, dry_run: bool = False) -> str:
     if event.action == "error" and not event.path:
         template = "{detail}"  # about a root, which the detail names
     size = _human(int(event.detail)) if event.detail.isdigit() else event.detail
-    detail = _show(event.detail) if event.action in ("link", "relink", "move") else event.detail
+    detail = _show(event.detail) if event.action in ("link", "relink", "move", "trash") else event.detail
     return template.format(path=_show(event.path), detail=detail, size=size)
 
 
@@ -1632,7 +1878,12 @@ class _LogFile(_ReportOnce, logging.handlers.WatchedFileHandler):
 
 
 class _Console(_ReportOnce, logging.StreamHandler):
-    pass
+    progress = None  # a _Progress line to clear before each log line
+
+    def emit(self, record):
+        if self.progress is not None:
+            self.progress.clear()
+        super().emit(record)
 
 
 class _QuietFilter(logging.Filter):
@@ -1678,6 +1929,93 @@ def _setup_logging(log_file: str, quiet: bool, verbose: bool) -> logging.Logger:
     return logger
 
 
+ITEMIZE = {  # rsync-style change codes for --itemize (README lists them)
+    "copy": ">f+++++++++", "update": ">f.st......", "chmod": ".f...p.....",
+    "mkdir": "cd+++++++++", "link": "cL+++++++++", "relink": "cL.s.......",
+    "move": "*moving    ", "remove": "*deleting  ", "rmdir": "*deleting  ",
+    "temp": "*deleting  ", "trash": "*trashing  ",
+}
+
+
+def itemize(event: Event) -> str:
+    path = _show(event.path) + ("/" if event.action in ("mkdir", "rmdir") else "")
+    if event.action in ("link", "relink"):
+        path += f" -> {_show(event.detail)}"
+    elif event.action == "move":
+        path = f"{_show(event.detail)} -> {path}"
+    return f"{ITEMIZE[event.action]} {path}"
+
+
+def _describe_options(parser, args) -> str:
+    """The options in effect that differ from their defaults, as typed."""
+    said = []
+    for action in parser._actions:
+        if not action.option_strings or action.dest in ("help", "version", "workers"):
+            continue
+        value = getattr(args, action.dest)
+        if value == action.default or value in ([], None):
+            continue
+        flag = max(action.option_strings, key=len)
+        if action.nargs == 0:
+            said.append(flag)
+        else:
+            for item in value if isinstance(value, list) else [value]:
+                said.append(f"{flag} {_show(str(item))}")
+    said.append(f"--workers {args.workers}")  # always: its default depends on the machine
+    return " ".join(said)
+
+
+class _Progress:
+    """One status line on a terminal's stderr while a pass runs longer than
+    DELAY seconds, redrawn at most every PERIOD seconds; never in the log.
+
+    A pass streams through the tree (that keeps memory flat), so there is no
+    total to count down to: the line shows what is done and the rate."""
+
+    DELAY, PERIOD = 2.0, 0.25
+
+    @staticmethod
+    def wanted(stream, quiet: bool) -> bool:
+        return not quiet and stream is not None and hasattr(stream, "isatty") and stream.isatty()
+
+    def __init__(self, stream, clock=time.monotonic):
+        self.stream, self.clock = stream, clock
+        self.shown = False
+        self.finish()
+
+    def finish(self) -> None:
+        """End of a pass: clear the line and start counting afresh."""
+        self.clear()
+        self.started = self.clock()
+        self.drawn_at = float("-inf")
+        self.files = self.bytes = self.changes = 0
+
+    def event(self, event: Event) -> None:
+        if event.action in ("copy", "update"):
+            self.files += 1
+            self.bytes += int(event.detail or 0)
+        elif event.action != "error":
+            self.changes += 1
+        now = self.clock()
+        if now - self.started >= self.DELAY and now - self.drawn_at >= self.PERIOD:
+            self.drawn_at = now
+            self.draw(now - self.started)
+
+    def draw(self, elapsed: float) -> None:
+        rate = self.bytes / elapsed if elapsed else 0
+        minutes, seconds = divmod(int(elapsed), 60)
+        text = (f"sync.py: {self.files:,} files copied ({_human(self.bytes)}, {_human(int(rate))}/s), "
+                f"{self.changes:,} other changes, {minutes}:{seconds:02d} elapsed")
+        self.stream.write("\r" + text + "\x1b[K")
+        self.stream.flush()
+        self.shown = True
+
+    def clear(self) -> None:
+        if self.shown:
+            self.stream.write("\r\x1b[K")
+            self.shown = False
+
+
 class _ArgumentParser(argparse.ArgumentParser):
     def error(self, message):
         raise UsageError(message)
@@ -1705,6 +2043,22 @@ def _build_parser() -> argparse.ArgumentParser:
                         help="log what would be done, change nothing")
     parser.add_argument("-c", "--checksum", action="store_true",
                         help="also compare contents of files whose size and mtime match")
+    parser.add_argument("--exclude", action="append", default=[], metavar="PATTERN",
+                        help="leave out paths matching PATTERN on both sides (repeatable): '*.tmp' "
+                             "any name, '.git/' folders only, 'cache/**' below a path; see README")
+    parser.add_argument("--exclude-from", action="append", default=[], metavar="FILE",
+                        help="read exclude patterns from FILE, one a line (# starts a comment)")
+    parser.add_argument("--delete-excluded", action="store_true",
+                        help="remove excluded paths from REPLICA (by default they are left alone)")
+    parser.add_argument("--trash", metavar="DIR",
+                        help="instead of destroying what a pass deletes or overwrites, move it to "
+                             "DIR/<pass time>/<path> (DIR on REPLICA's file system)")
+    parser.add_argument("--trash-keep", type=parse_seconds, metavar="DAYS",
+                        help="with --trash, remove trash folders of passes older than DAYS")
+    parser.add_argument("--modify-window", type=parse_seconds, metavar="SECONDS", default=0.0,
+                        help="count mtimes this close as equal (2 for FAT/exFAT, 1 for some SMB shares)")
+    parser.add_argument("-i", "--itemize", action="store_true",
+                        help="print a change code and path per change on stdout, for scripts")
     parser.add_argument("--allow-empty-source", action="store_true",
                         help="let an empty SOURCE empty a non-empty REPLICA (refused by default: "
                              "an unmounted drive looks empty)")
@@ -1758,6 +2112,14 @@ def main(argv=None) -> int:
     try:
         args = parser.parse_args(argv)
         check_paths(args.source, args.replica, args.log_file)
+        patterns = list(args.exclude)
+        for path in args.exclude_from:
+            try:
+                patterns += read_exclude_file(path)
+            except OSError as err:
+                raise UsageError(f"cannot read --exclude-from {path!r}: {_reason(err)}") from None
+        if args.trash_keep is not None and not args.trash:
+            raise UsageError("--trash-keep needs --trash DIR")
         try:
             logger = _setup_logging(args.log_file, args.quiet, args.verbose)
         except OSError as err:
@@ -1768,6 +2130,8 @@ def main(argv=None) -> int:
                 os.makedirs(args.replica, exist_ok=True)
             except OSError as err:
                 raise UsageError(f"cannot create REPLICA {args.replica!r}: {_reason(err)}") from None
+            if args.trash:
+                check_trash(args.trash, args.source, args.replica)
             try:
                 lock = lock_replica(args.replica)
             except OSError as err:
@@ -1779,30 +2143,40 @@ def main(argv=None) -> int:
 
     options = Options(checksum=args.checksum, dry_run=args.dry_run,
                       allow_empty_source=args.allow_empty_source, max_delete=args.max_delete,
-                      workers=max(1, args.workers))
+                      workers=max(1, args.workers), excludes=Excludes(patterns) or None,
+                      delete_excluded=args.delete_excluded, trash=args.trash,
+                      trash_keep_days=args.trash_keep,
+                      modify_window_ns=int(args.modify_window * 1_000_000_000))
     _raise_open_file_limit()
     stop, caught = threading.Event(), []
     _install_signal_handlers(stop, caught)
 
+    progress = _Progress(sys.stderr) if _Progress.wanted(sys.stderr, args.quiet) else None
+    if progress:
+        for handler in logger.handlers:
+            if isinstance(handler, _Console):
+                handler.progress = progress
+
     def report(event: Event) -> None:
         logger.log(ACTIONS[event.action], format_event(event, args.dry_run))
+        if args.itemize and event.action in ITEMIZE:
+            print(itemize(event), flush=True)
+        if progress:
+            progress.event(event)
 
     results = []
 
     def on_pass(result: PassResult) -> None:
         results.append(result)
+        if progress:
+            progress.finish()
         level = logging.WARNING if result.errors else logging.INFO
         logger.log(level, format_summary(result, args.dry_run), extra={"summary": True})
 
     mode = "once" if args.once else f"every {args.interval:g} s"
-    flags = [f"--{name.replace('_', '-')}" for name in ("dry_run", "checksum", "allow_empty_source")
-             if getattr(args, name)]
-    if args.max_delete is not None:
-        flags.append(f"--max-delete {args.max_delete}")
-    logger.info("sync.py %s started: %s -> %s, %s%s, log %s", __version__,
-                _show(args.source), _show(args.replica), mode,
-                "".join(f", {flag}" for flag in flags), _show(args.log_file),
-                extra={"summary": True})
+    logger.info("sync.py %s started: %s -> %s, %s, log %s; options: %s", __version__,
+                _show(args.source), _show(args.replica), mode, _show(args.log_file),
+                _describe_options(parser, args), extra={"summary": True})
     try:
         if args.once:
             on_pass(run_pass(args.source, args.replica, options, report, stop.is_set))

@@ -295,7 +295,7 @@ def test_missing_replica_is_created(src, tmp_path):
 def test_dry_run_reports_everything_and_changes_nothing(src, dst):
     make_tree(src, {"new.txt": "n", "changed.txt": "new", "newdir": {"inner": {"f": "1"}},
                     "l": Link("new.txt")})
-    make_tree(dst, {"changed.txt": "old!", "stale": Dir({"x": "1"}, mode=0o700), "gone.txt": "g"})
+    make_tree(dst, {"changed.txt": "old!", "stale": {"x": "1"}, "gone.txt": "g"})
     before_src, before_dst = snapshot(src), snapshot(dst)
     result, events = sync_once(src, dst, dry_run=True)
     assert snapshot(src) == before_src and snapshot(dst) == before_dst
@@ -338,6 +338,7 @@ def deep_cleanup(tmp_path):
     subprocess.run(["rm", "-rf", str(tmp_path / "src"), str(tmp_path / "dst")], check=True)
 
 
+@pytest.mark.skipif(not sync._DIR_FD, reason="the path-based fallback (Windows) is bound by path length")
 def test_deep_tree_beyond_recursion_limit_and_path_max(src, dst, deep_cleanup):
     depth = sys.getrecursionlimit() + 50
     name = "d" * 8  # 1050 levels x 9 bytes > PATH_MAX (4096)

@@ -11,6 +11,7 @@ Names may be str or bytes (for names that are not valid UTF-8).
 
 from __future__ import annotations
 
+import itertools
 import os
 import stat
 from dataclasses import dataclass, field
@@ -25,11 +26,15 @@ class File:
     mtime_ns: int = BASE_MTIME_NS
 
 
+_dir_times = itertools.count(BASE_MTIME_NS + 1_000_000_000, 1_000_003)
+
+
 @dataclass
 class Dir:
     entries: dict = field(default_factory=dict)
     mode: int = 0o755
-    mtime_ns: int = BASE_MTIME_NS
+    # Each folder its own mtime, as on a real disk (equal ones would look like renames).
+    mtime_ns: int = field(default_factory=lambda: next(_dir_times))
 
 
 @dataclass
