@@ -4,16 +4,18 @@
 
 Trees are built deterministically on tmpfs (/dev/shm where it exists, else the
 system temp folder; the output says which), so the tools are measured and not
-the disk.  The 1,000,000-file case needs about 3.1 million inodes; where
+the disk.  The 1,000,000-file case needs about 3 million inodes; where
 /dev/shm has fewer, give --root a tmpfs mounted with more, for example
-    mount -t tmpfs -o size=16g,nr_inodes=8m tmpfs /mnt/bench  For each case the two commands run alternately, REPEAT times each:
+    mount -t tmpfs -o size=16g,nr_inodes=8m tmpfs /mnt/bench
+For each case the two commands run alternately, REPEAT times each:
 
     python sync.py SRC DST 1 LOG --once -q
     rsync -a --delete SRC/ DST/
 
 and the table gives each one's median wall time, the ratio sync.py / rsync and
-each one's peak RSS.  Times and memory come from GNU time (%e %M) where it is
-installed, else from wait4() of a child started by this small process.  This
+each one's peak RSS.  Wall time is taken around each run; peak RSS comes from
+GNU time's %M where it is installed, else from wait4() of a child started by
+this small process (never from a fork of a large one).  This
 file is not collected by pytest: speed is a goal, never a test assertion.
 """
 

@@ -103,7 +103,8 @@ def test_deleted_and_overwritten_items_go_to_the_trash(src, dst, tmp_path):
     assert (kept / "dir" / "inner" / "f").read_text() == "deep"
     assert os.readlink(kept / "l") == "doc.txt"
     assert paths(events, "trash") == ["dir", "doc.txt", "l", "old.txt"]
-    assert {e.detail for e in events if e.action == "trash"} == {f"{stamp}/{p}" for p in ("dir", "doc.txt", "l", "old.txt")}
+    trashed = ("dir", "doc.txt", "l", "old.txt")
+    assert {e.detail for e in events if e.action == "trash"} == {f"{stamp}/{p}" for p in trashed}
     assert_mirror(src, dst)
 
 

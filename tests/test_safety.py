@@ -82,7 +82,7 @@ def test_kill_at_random_moments_never_leaves_a_partial_file(tmp_path):
         time.sleep(rng.uniform(0, full_run))  # a random moment, not a wait for something
         os.killpg(proc.pid, signal.SIGKILL)  # sync.py and its worker processes
         killed += proc.wait() == -signal.SIGKILL
-        wait_for(lambda: not process_group_alive(proc.pid), "the worker processes to be gone")
+        wait_for(lambda pgid=proc.pid: not process_group_alive(pgid), "the worker processes to be gone")
 
         for dirpath, _, filenames in os.walk(replica):
             for name in filenames:
