@@ -853,14 +853,7 @@ class _Pass:
                 if entered:
                     self.finish(frame)
                     continue
-                if self.stopping():
-                    self.close(frame)
-                    continue
-                try:
-                    children = self.enter(frame)
-                except BaseException:
-                    self.close(frame)
-                    raise
+                children = self.try_enter(frame)
                 if children is None:
                     continue
                 stack.append((frame, True))
@@ -869,6 +862,17 @@ class _Pass:
             for frame, entered in stack:
                 if entered or frame is root:
                     self.close(frame)
+
+    def try_enter(self, frame: _Frame):
+        """enter() unless the pass is stopping; None (frame closed) when not entered."""
+        if self.stopping():
+            self.close(frame)
+            return None
+        try:
+            return self.enter(frame)
+        except BaseException:
+            self.close(frame)
+            raise
 
     # -- the walk split among worker processes
 
@@ -882,14 +886,7 @@ class _Pass:
             for _ in range(SPLIT_MAX_DEPTH):
                 tasks = []
                 for frame in level:
-                    if self.stopping():
-                        self.close(frame)
-                        continue
-                    try:
-                        children = self.enter(frame)
-                    except BaseException:
-                        self.close(frame)
-                        raise
+                    children = self.try_enter(frame)
                     if children is not None:
                         entered.append(frame)
                         tasks.extend(children)
@@ -1724,26 +1721,24 @@ def check_trash(trash: str, source: str, replica: str) -> None:
                          "old versions are moved there, so it must be")
 
 
+def _parse_non_negative(text: str, convert, what: str):
+    try:
+        value = convert(text)
+    except ValueError:
+        value = -1
+    if not (value >= 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"expected {what} of zero or more, not {text!r}")
+    return value
+
+
 def parse_seconds(text: str) -> float:
     """A number of seconds, zero or more."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not (value >= 0 and math.isfinite(value)):
-        raise argparse.ArgumentTypeError(f"expected a number of seconds of zero or more, not {text!r}")
-    return value
+    return _parse_non_negative(text, float, "a number of seconds")
 
 
 def parse_count(text: str) -> int:
     """A whole number, zero or more."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a whole number of zero or more, not {text!r}")
-    return value
+    return _parse_non_negative(text, int, "a whole number")
 
 
 def parse_interval(text: str) -> float:

@@ -11,6 +11,19 @@ SYNC_PY = str(ROOT / "sync.py")
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]  # sync.py and trees.py, installed or not
 
 
+def sync_once(src, dst, **options):
+    """One pass in-process: (PassResult, [Event, ...])."""
+    import sync
+    events = []
+    result = sync.run_pass(src, dst, sync.Options(**options), events.append)
+    return result, events
+
+
+def paths(events, action):
+    """The sorted paths of the events of one action."""
+    return sorted(e.path for e in events if e.action == action)
+
+
 @pytest.fixture
 def src(tmp_path):
     path = tmp_path / "src"

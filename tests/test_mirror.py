@@ -11,6 +11,7 @@ import sys
 import pytest
 
 import sync
+from conftest import paths, sync_once
 from trees import BASE_MTIME_NS, Dir, Fifo, File, Link, assert_mirror, leftover_temp_files, make_tree, snapshot
 
 RICH_TREE = {
@@ -37,16 +38,6 @@ RICH_TREE = {
 }
 
 
-def sync_once(src, dst, **options):
-    events = []
-    result = sync.run_pass(src, dst, sync.Options(**options), events.append)
-    return result, events
-
-
-def actions(events, action):
-    return sorted(e.path for e in events if e.action == action)
-
-
 def test_initial_copy_mirrors_everything(src, dst):
     make_tree(src, RICH_TREE, root_mode=0o750)
     before = snapshot(src)
@@ -54,9 +45,9 @@ def test_initial_copy_mirrors_everything(src, dst):
     assert result.errors == 0 and result.exact
     assert_mirror(src, dst)
     assert snapshot(src) == before, "SOURCE must only be read"
-    assert "docs/deep/deeper/deepest/leaf.txt" in actions(events, "copy")
-    assert "docs/empty-dir" in actions(events, "mkdir")
-    assert "links/dangling" in actions(events, "link")
+    assert "docs/deep/deeper/deepest/leaf.txt" in paths(events, "copy")
+    assert "docs/empty-dir" in paths(events, "mkdir")
+    assert "links/dangling" in paths(events, "link")
     assert result.bytes_copied == sum(len(v[1]) for v in before.values() if v[0] == "file")
 
 
@@ -81,8 +72,8 @@ def test_extra_replica_entries_are_removed(src, dst):
                     "stray-link": Link("keep.txt"), "fifo": Fifo()})
     result, events = sync_once(src, dst)
     assert_mirror(src, dst)
-    assert actions(events, "remove") == ["fifo", "old.txt", "olddir/l", "olddir/x/y", "stray-link"]
-    assert actions(events, "rmdir") == ["olddir", "olddir/x"]
+    assert paths(events, "remove") == ["fifo", "old.txt", "olddir/l", "olddir/x/y", "stray-link"]
+    assert paths(events, "rmdir") == ["olddir", "olddir/x"]
 
 
 def test_changed_file_is_updated(src, dst):
@@ -92,7 +83,7 @@ def test_changed_file_is_updated(src, dst):
     with open(src / "f.txt", "w") as f:
         f.write("version 2, longer")
     result, events = sync_once(src, dst)
-    assert actions(events, "update") == ["f.txt"] and actions(events, "copy") == ["g"]
+    assert paths(events, "update") == ["f.txt"] and paths(events, "copy") == ["g"]
     assert_mirror(src, dst)
 
 
@@ -100,7 +91,7 @@ def test_file_restored_to_an_older_version_is_copied_back(src, dst):
     make_tree(src, {"f.txt": File("new", mtime_ns=BASE_MTIME_NS)})
     make_tree(dst, {"f.txt": File("NEW", mtime_ns=BASE_MTIME_NS + 10**9)})  # replica newer
     result, events = sync_once(src, dst)
-    assert actions(events, "update") == ["f.txt"]
+    assert paths(events, "update") == ["f.txt"]
     assert (dst / "f.txt").read_text() == "new"
 
 
@@ -110,7 +101,7 @@ def test_equal_size_and_mtime_means_current_unless_checksum(src, dst):
     result, events = sync_once(src, dst)
     assert events == [] and (dst / "f").read_text() == "same-size-BBB"
     result, events = sync_once(src, dst, checksum=True)
-    assert actions(events, "update") == ["f"]
+    assert paths(events, "update") == ["f"]
     assert_mirror(src, dst)
     result, events = sync_once(src, dst, checksum=True)
     assert events == []
@@ -123,7 +114,7 @@ def test_permission_change_alone_is_applied_in_place(src, dst):
     os.chmod(src / "f", 0o600)
     os.chmod(src / "d", 0o700)
     result, events = sync_once(src, dst)
-    assert actions(events, "chmod") == ["f"] and not actions(events, "update")
+    assert paths(events, "chmod") == ["f"] and not paths(events, "update")
     assert os.lstat(dst / "f").st_ino == inode
     assert_mirror(src, dst)
 
@@ -189,7 +180,7 @@ def test_leftover_temporary_files_are_removed_and_never_copied(src, dst):
     make_tree(src, {"f": "x", temp: "half-written by another sync.py"})
     make_tree(dst, {"sub": {temp: "left by a killed pass"}, temp: "also left"})
     result, events = sync_once(src, dst)
-    assert sorted(actions(events, "temp")) == [temp, f"sub/{temp}"]
+    assert sorted(paths(events, "temp")) == [temp, f"sub/{temp}"]
     assert leftover_temp_files(dst) == []
     assert sorted(os.listdir(dst)) == ["f"]
 
@@ -267,11 +258,11 @@ def test_source_changing_during_copy_is_not_recorded_as_current(src, dst, monkey
 
     monkeypatch.setattr(sync, "_copy_bytes", write_during_copy)
     result, events = sync_once(src, dst)
-    assert actions(events, "changed") == ["f"] and not result.exact
+    assert paths(events, "changed") == ["f"] and not result.exact
     assert os.lstat(dst / "f").st_mtime_ns != os.lstat(src / "f").st_mtime_ns
     monkeypatch.undo()
     result, events = sync_once(src, dst)
-    assert actions(events, "update") == ["f"]
+    assert paths(events, "update") == ["f"]
     assert_mirror(src, dst)
 
 
@@ -358,12 +349,12 @@ def test_deep_tree_beyond_recursion_limit_and_path_max(src, dst, deep_cleanup):
         resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 8 * depth), hard))
     result, events = sync_once(src, dst)
     assert result.exact, [e for e in events if e.action == "error"][:3]
-    copied = actions(events, "copy")
+    copied = paths(events, "copy")
     assert copied == ["/".join([name] * depth + ["leaf.txt"])]
     # And removing it again is just as deep.
     subprocess.run(["rm", "-rf", str(src / name)], check=True)
     result, events = sync_once(src, dst, allow_empty_source=True)
-    assert result.exact and len(actions(events, "rmdir")) == depth
+    assert result.exact and len(paths(events, "rmdir")) == depth
 
 
 # --- moves and renames inside SOURCE ---------------------------------------------

@@ -10,17 +10,8 @@ import shutil
 import pytest
 
 import sync
+from conftest import paths, sync_once
 from trees import Fifo, File, Link, assert_mirror, make_tree, snapshot
-
-
-def run(src, dst, **options):
-    events = []
-    result = sync.run_pass(src, dst, sync.Options(**options), events.append)
-    return result, events
-
-
-def paths(events, action):
-    return sorted(e.path for e in events if e.action == action)
 
 
 # --- 1. --exclude ------------------------------------------------------------------
@@ -36,7 +27,7 @@ EXCLUDE_TREE = {
 def test_exclude_rules_for_names_folders_and_paths(src, dst):
     make_tree(src, EXCLUDE_TREE)
     excludes = sync.Excludes(["*.tmp", ".git/", "/cache/**", "docs/*.pdf"])
-    result, events = run(src, dst, excludes=excludes)
+    result, events = sync_once(src, dst, excludes=excludes)
     assert result.exact
     assert [e for e in events if e.action == "skip"] == [], "an excluded folder is not looked into"
     files = sorted(str(p.relative_to(dst)) for p in dst.rglob("*") if p.is_file())
@@ -48,10 +39,10 @@ def test_excluded_replica_entries_are_left_alone_unless_delete_excluded(src, dst
     make_tree(src, {"keep.txt": "k"})
     make_tree(dst, {"keep.txt": "k", "notes.tmp": "mine", ".git": {"HEAD": "x"}, "other": "o"})
     excludes = sync.Excludes(["*.tmp", ".git/"])
-    result, events = run(src, dst, excludes=excludes)
+    result, events = sync_once(src, dst, excludes=excludes)
     assert paths(events, "remove") == ["other"]
     assert (dst / "notes.tmp").read_text() == "mine" and (dst / ".git" / "HEAD").exists()
-    result, events = run(src, dst, excludes=excludes, delete_excluded=True)
+    result, events = sync_once(src, dst, excludes=excludes, delete_excluded=True)
     assert paths(events, "remove") == [".git/HEAD", "notes.tmp"] and paths(events, "rmdir") == [".git"]
     assert_mirror(src, dst)
 
@@ -71,7 +62,7 @@ def test_exclude_from_file_and_the_cli(src, dst, log, cli, tmp_path):
 
 def test_empty_source_check_ignores_excluded_replica_entries(src, dst):
     make_tree(dst, {"notes.tmp": "mine"})
-    result, _ = run(src, dst, excludes=sync.Excludes(["*.tmp"]))
+    result, _ = sync_once(src, dst, excludes=sync.Excludes(["*.tmp"]))
     assert result.exact and (dst / "notes.tmp").exists()
 
 
@@ -87,13 +78,13 @@ def test_deleted_and_overwritten_items_go_to_the_trash(src, dst, tmp_path):
     trash.mkdir()
     make_tree(src, {"doc.txt": "v1", "old.txt": "gone soon", "dir": {"inner": {"f": "deep"}},
                     "l": Link("doc.txt"), "k": "k"})
-    run(src, dst, trash=str(trash))
+    sync_once(src, dst, trash=str(trash))
     (src / "doc.txt").write_text("v2 is longer")
     os.unlink(src / "old.txt")
     shutil.rmtree(src / "dir")
     os.unlink(src / "l")
     os.symlink("k", src / "l")
-    result, events = run(src, dst, trash=str(trash))
+    result, events = sync_once(src, dst, trash=str(trash))
     assert result.exact
     [stamp] = trash_folders(trash)
     assert re.fullmatch(r"\d{4}-\d\d-\d\d_\d{6}\.\d{3}", stamp)
@@ -126,7 +117,7 @@ def test_trash_keep_prunes_old_pass_folders_only(src, dst, tmp_path):
     make_tree(trash, {"2020-01-01_000000.000": {"old.txt": "old"}, "2999-01-01_000000.000": {"f": "x"},
                       "not-a-pass-folder": {"mine": "keep"}})
     make_tree(src, {"f": "x"})
-    result, events = run(src, dst, trash=str(trash), trash_keep_days=30)
+    result, events = sync_once(src, dst, trash=str(trash), trash_keep_days=30)
     assert paths(events, "prune") == ["2020-01-01_000000.000"]
     assert trash_folders(trash) == ["2999-01-01_000000.000", "not-a-pass-folder"]
     assert result.exact and events[0].action == "prune"
@@ -136,10 +127,10 @@ def test_trash_with_worker_processes_uses_one_folder_per_pass(src, dst, tmp_path
     trash = tmp_path / "trash"
     trash.mkdir()
     make_tree(src, {f"d{i}": {f"s{j}": {"f": f"{i}{j}"} for j in range(3)} for i in range(10)})
-    run(src, dst, workers=3)
+    sync_once(src, dst, workers=3)
     for i in range(10):
         os.unlink(src / f"d{i}" / "s1" / "f")
-    result, events = run(src, dst, workers=3, trash=str(trash))
+    result, events = sync_once(src, dst, workers=3, trash=str(trash))
     assert result.exact and len(paths(events, "trash")) == 10
     [stamp] = trash_folders(trash)
     assert sorted(str(p.relative_to(trash / stamp)) for p in (trash / stamp).rglob("f")) == \
@@ -241,23 +232,23 @@ def round_mtimes_like_fat(root):
 
 def test_modify_window_accepts_a_replica_with_rounded_times(src, dst, log, cli):
     make_tree(src, {"a": File("1", mtime_ns=1_700_000_000_300_000_000), "d": {"b": "2"}})
-    run(src, dst)
+    sync_once(src, dst)
     round_mtimes_like_fat(dst)
     before = snapshot(dst)
-    result, events = run(src, dst, modify_window_ns=2_000_000_000)
+    result, events = sync_once(src, dst, modify_window_ns=2_000_000_000)
     assert events == [] and snapshot(dst) == before
     proc = cli(src, dst, 1, log, "--once", "--modify-window", "2")
     assert proc.returncode == 0 and "INFO    copied" not in log.read_text()
     assert "INFO    updated" not in log.read_text()
-    result, events = run(src, dst)  # without it, every rounded file is copied again
+    result, events = sync_once(src, dst)  # without it, every rounded file is copied again
     assert paths(events, "update") == ["a", "d/b"]
 
 
 def test_modify_window_still_sees_real_changes(src, dst):
     make_tree(src, {"a": File("1", mtime_ns=1_700_000_000_000_000_000)})
-    run(src, dst)
+    sync_once(src, dst)
     os.utime(src / "a", ns=(0, 1_700_000_005_000_000_000))  # 5 s later
-    result, events = run(src, dst, modify_window_ns=2_000_000_000)
+    result, events = sync_once(src, dst, modify_window_ns=2_000_000_000)
     assert paths(events, "update") == ["a"]
 
 

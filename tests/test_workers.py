@@ -7,17 +7,12 @@ import signal
 import pytest
 
 import sync
+from conftest import sync_once
 from trees import assert_mirror, leftover_temp_files, make_tree
 
 TREE = {f"dir{d:02}": {f"sub{s}": {f"f{f}.txt": f"{d}-{s}-{f}" for f in range(5)} for s in range(3)}
         for d in range(12)}
 TREE["top.txt"] = "top"
-
-
-def run(src, dst, workers, **options):
-    events = []
-    result = sync.run_pass(src, dst, sync.Options(workers=workers, **options), events.append)
-    return result, events
 
 
 @pytest.fixture(autouse=True)
@@ -31,13 +26,13 @@ def test_workers_give_the_same_events_in_the_same_order(tmp_path):
     for workers in (1, 3):
         src, dst = tmp_path / f"src{workers}", tmp_path / f"dst{workers}"
         make_tree(src, TREE)
-        first = run(src, dst, workers)
+        first = sync_once(src, dst, workers=workers)
         assert first[0].exact
         assert_mirror(src, dst)
         (src / "dir03" / "sub1" / "f2.txt").write_text("changed")
         (src / "dir07" / "sub0" / "f0.txt").unlink()
         (src / "dir11" / "new.txt").write_text("new")
-        second = run(src, dst, workers)
+        second = sync_once(src, dst, workers=workers)
         assert_mirror(src, dst)
         results[workers] = [(r.counts, r.bytes_copied, r.errors, e) for r, e in (first, second)]
     assert results[3] == results[1]
@@ -65,12 +60,12 @@ def test_a_worker_that_dies_costs_only_its_own_work(src, dst, monkeypatch):
         return pid
 
     monkeypatch.setattr(os, "fork", fork)
-    result, events = run(src, dst, 2)
+    result, events = sync_once(src, dst, workers=2)
     errors = [e.detail for e in events if e.action == "error"]
     assert len(errors) == 1 and "ended unexpectedly" in errors[0]
     assert leftover_temp_files(dst) == []
     monkeypatch.undo()
-    result, _ = run(src, dst, 2)
+    result, _ = sync_once(src, dst, workers=2)
     assert result.exact
     assert_mirror(src, dst)
 
@@ -86,5 +81,5 @@ def test_a_stop_request_reaches_the_workers(src, dst):
         for name in files:
             rel = os.path.relpath(os.path.join(dirpath, name), dst)
             assert (dst / rel).read_bytes() == (src / rel).read_bytes()
-    assert run(src, dst, 2)[0].exact
+    assert sync_once(src, dst, workers=2)[0].exact
     assert_mirror(src, dst)
