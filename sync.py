@@ -974,15 +974,21 @@ class _Pass:
         def hand_out(worker):
             nonlocal handed
             worker.task = handed if handed < len(tasks) else -1
-            os.write(worker.task_w, worker.task.to_bytes(4, "little", signed=True))
+            try:
+                os.write(worker.task_w, worker.task.to_bytes(4, "little", signed=True))
+            except BrokenPipeError:  # it has just died: its end of pipe reports that
+                worker.task = -1
+                return
             handed += worker.task >= 0
 
         def forward(index, events, finished):
+            # Events of the task being reported go out at once; those of
+            # later tasks wait until every task before them is done.
             nonlocal reported
             held.setdefault(index, []).extend(events)
             if finished:
                 done.add(index)
-            while reported in held and (reported == index or reported in done):
+            while reported in held:
                 for event in held.pop(reported):
                     self.report(event)
                 if reported not in done:
