@@ -15,7 +15,8 @@ symbolic link):
   are mirrored;
 * symbolic links are recreated with the same target text and are never
   followed, on either side;
-* everything else under REPLICA is removed.
+* everything else under REPLICA is removed, except paths left out with
+  ``excludes`` (unless ``delete_excluded``).
 
 SOURCE is only ever read.  A replica file is current when its size and mtime
 *equal* the source's (never "newer than"); ``checksum=True`` also compares the
@@ -35,9 +36,18 @@ redirect a read, a write or a deletion, and path length is not limited by
 PATH_MAX.  The walk keeps an explicit stack, so depth is not limited by
 Python's recursion limit.
 
-The core (everything above ``main``) never prints and never exits: it reports
-what it does through a callback, returns results and raises.  Only ``main()``
-turns them into log lines, messages and exit codes.
+Refusals that protect the replica: an empty SOURCE root beside a non-empty
+REPLICA (an unmounted drive) changes nothing unless ``allow_empty_source``;
+a pass that would delete more than ``max_delete`` entries changes nothing.
+With ``trash``, what a pass deletes or overwrites is moved (or hard-linked)
+to TRASH/<pass time>/<path> instead of destroyed.  Entries the source renamed
+within a folder are renamed in the replica rather than copied again.  Worker
+processes walk separate subtrees at once; the events still come in the order
+one process would give.
+
+The core (everything above the CLI section) never prints and never exits: it
+reports what it does through a callback, returns results and raises.  Only
+``main()`` turns them into log lines, messages and exit codes.
 """
 
 from __future__ import annotations
@@ -177,7 +187,9 @@ class Options:
     dry_run: bool = False  # report what would be done, change nothing
     allow_empty_source: bool = False  # let an empty SOURCE empty a non-empty REPLICA
     max_delete: Optional[int] = None  # refuse a pass that would delete more entries
-    workers: int = DEFAULT_WORKERS  # processes that walk subtrees at once; 1: all in the caller's
+    # Processes that walk subtrees at once (forked where the OS allows; a
+    # multi-threaded program calling run_pass should pass 1: all in the caller).
+    workers: int = DEFAULT_WORKERS
     excludes: Optional["Excludes"] = None  # paths left out of the mirror on both sides
     delete_excluded: bool = False  # remove excluded paths from REPLICA after all
     modify_window_ns: int = 0  # mtimes this close count as equal (FAT, SMB)

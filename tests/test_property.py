@@ -49,6 +49,10 @@ class Source:
         elif os.path.lexists(full):
             os.unlink(full)
 
+    def through_link(self, rel):
+        parts = rel.split("/")[:-1]
+        return any(os.path.islink(self.path("/".join(parts[:i]))) for i in range(1, len(parts) + 1))
+
     def make_parents(self, rel):
         parts = rel.split("/")[:-1]
         for i in range(1, len(parts) + 1):
@@ -83,6 +87,8 @@ class Source:
             target = args[0]
             if not os.path.lexists(full) or target == rel or target.startswith(rel + "/"):
                 return
+            if self.through_link(rel) or self.through_link(target):
+                return  # a path through a link names something else: not a rename
             if rel.startswith(target + "/"):
                 return
             self.make_parents(target)
