@@ -202,6 +202,7 @@ class PassResult:
     """What one pass did."""
 
     counts: Counter = field(default_factory=Counter)  # action -> number of events
+    checked: int = 0  # source entries examined
     bytes_copied: int = 0
     errors: int = 0
     duration: float = 0.0
@@ -689,6 +690,7 @@ class _Worker:
         self.pid, self.task_w, self.msg_r = pid, task_w, msg_r
         self.task = None  # the task index it was last given
         self.finished = False  # sent its result
+        self.checked = 0  # source entries it has examined
         self.inbox = _Inbox()
 
     def close(self):
@@ -772,10 +774,11 @@ def _reason(err: BaseException) -> str:
 class _Pass:
     """The state of one pass; see run_pass()."""
 
-    def __init__(self, options: Options, report, should_stop):
+    def __init__(self, options: Options, report, should_stop, progress=None):
         self.options = options
         self.report = report
         self.should_stop = should_stop
+        self.progress = progress  # called with the number of entries checked so far
         self.result = PassResult()
         self.deleted = 0  # entries removed (or, in a dry run, that would be), temporary files aside
         self.pool = None  # worker threads, while run() runs
@@ -956,13 +959,13 @@ class _Pass:
         events back, and end with this worker's share of the counts."""
         outer_stop = self.should_stop
         self.should_stop = lambda: stop_flag[0] != 0 or os.getppid() != parent or outer_stop()
-        self.result, self.deleted = PassResult(), 0
+        self.result, self.deleted, self.progress = PassResult(), 0, None
         batch, current = [], [None]
 
         def report(event):
             batch.append(event)
             if len(batch) >= 256:
-                _send(msg_w, ("events", current[0], batch))
+                _send(msg_w, ("events", current[0], batch, self.result.checked))
                 batch.clear()
 
         self.report = report
@@ -972,7 +975,7 @@ class _Pass:
                 break
             current[0] = index
             self.walk(tasks[index])
-            _send(msg_w, ("done", index, batch))
+            _send(msg_w, ("done", index, batch, self.result.checked))
             batch.clear()
         r = self.result
         _send(msg_w, ("result", dict(r.counts), r.bytes_copied, r.errors, r.interrupted, self.deleted))
@@ -1028,12 +1031,14 @@ class _Pass:
                     continue
                 for message in w.inbox.feed(data):
                     kind = message[0]
-                    if kind == "events":
-                        forward(message[1], message[2], False)
-                    elif kind == "done":
-                        forward(message[1], message[2], True)
+                    if kind in ("events", "done"):
+                        forward(message[1], message[2], kind == "done")
+                        w.checked = message[3]
+                        if self.progress is not None:
+                            self.progress(self.result.checked + sum(x.checked for x in workers.values()))
+                    if kind == "done":
                         hand_out(w)
-                    else:  # "result": this worker's share
+                    elif kind == "result":  # this worker's share
                         counts, copied, errors, interrupted, deleted = message[1:]
                         self.result.counts.update(counts)
                         self.result.bytes_copied += copied
@@ -1044,6 +1049,7 @@ class _Pass:
             if self.stopping():
                 stop_flag[0] = 1
         selector.close()
+        self.result.checked += sum(w.checked for w in workers.values())
         for index in range(handed, len(tasks)):  # left by workers that died
             self.walk(tasks[index])
 
@@ -1072,6 +1078,9 @@ class _Pass:
             src = {n: e for n, e in src.items() if n not in excluded}
             if not self.options.delete_excluded:
                 dst = {n: e for n, e in dst.items() if n not in excluded}
+        self.result.checked += len(src)
+        if self.progress is not None:
+            self.progress(self.result.checked)
 
         if frame.parent is None and not self.options.allow_empty_source and _looks_unmounted(src, dst):
             self.close(frame)
@@ -1545,18 +1554,21 @@ def _special_kind(mode: int) -> str:
 
 def run_pass(source: str, replica: str, options: Options = None,
              report: Callable[[Event], None] = _ignore,
-             should_stop: Callable[[], bool] = lambda: False) -> PassResult:
+             should_stop: Callable[[], bool] = lambda: False,
+             progress: Optional[Callable[[int], None]] = None) -> PassResult:
     """Make REPLICA an exact mirror of SOURCE, once.
 
     Every action is passed to ``report`` as an Event the moment it is done.
     ``should_stop`` is polled between items; when it returns True the pass
     ends after the current item and the result says it was interrupted.
-    Item failures are counted in the result, never raised.
+    ``progress``, if given, is called now and then with the number of source
+    entries checked so far (see count_entries for the total).  Item failures
+    are counted in the result, never raised.
     """
     started = time.monotonic()
     options = options or Options()
     source, replica = os.fspath(source), os.fspath(replica)
-    work = _Pass(options, report, should_stop)
+    work = _Pass(options, report, should_stop, progress)
     would_delete = _count_deletions(source, replica, options, should_stop)
     if would_delete is not None and would_delete > options.max_delete:
         work.error("", f"this pass would delete {would_delete} entries, more than "
@@ -1578,6 +1590,35 @@ def _count_deletions(source, replica, options: Options, should_stop) -> Optional
     return probe.deleted
 
 
+def count_entries(source: str, excludes: Optional[Excludes] = None,
+                  should_stop: Callable[[], bool] = lambda: False) -> Optional[int]:
+    """How many source entries a pass will check, for a progress total.
+
+    A walk by name only (no stat: d_type tells folders), so it costs a
+    fraction of a pass.  An estimate: it skips what it cannot list, and the
+    source may change meanwhile.  None when asked to stop first.
+    """
+    total, pending = 0, [("", source)]
+    while pending:
+        if should_stop():
+            return None
+        rel, path = pending.pop()
+        try:
+            with os.scandir(path) as listing:
+                items = list(listing)
+        except OSError:
+            continue
+        for item in items:
+            here = _join(rel, item.name)
+            is_dir = item.is_dir(follow_symlinks=False)
+            if excludes and excludes.match(here, item.name, is_dir):
+                continue
+            total += 1
+            if is_dir:
+                pending.append((here, item.path))
+    return total
+
+
 # ----------------------------------------------------------------- the loop --
 
 
@@ -1585,7 +1626,8 @@ def run_periodically(source: str, replica: str, interval: float, options: Option
                      report: Callable[[Event], None] = _ignore,
                      on_pass: Callable[[PassResult], None] = lambda result: None,
                      stop: threading.Event = None,
-                     clock: Callable[[], float] = time.monotonic) -> None:
+                     clock: Callable[[], float] = time.monotonic,
+                     progress: Optional[Callable[[int], None]] = None) -> None:
     """Run passes every ``interval`` seconds, start to start, until ``stop`` is set.
 
     The first pass starts at once.  A pass that takes longer than the interval
@@ -1594,7 +1636,7 @@ def run_periodically(source: str, replica: str, interval: float, options: Option
     stop = stop or threading.Event()
     while not stop.is_set():
         started = clock()
-        on_pass(run_pass(source, replica, options, report, stop.is_set))
+        on_pass(run_pass(source, replica, options, report, stop.is_set, progress))
         if stop.is_set():
             return
         elapsed = clock() - started
@@ -1845,8 +1887,9 @@ def format_event(event: Event, dry_run: bool = False) -> str:
 
 
 def format_summary(result: PassResult, dry_run: bool = False) -> str:
-    parts = [f"{words} {result.counts[action]}" for action, words in _SUMMARY_WORDS
-             if result.counts[action]]
+    parts = [f"checked {result.checked}"]
+    parts += [f"{words} {result.counts[action]}" for action, words in _SUMMARY_WORDS
+              if result.counts[action]]
     parts.append(f"errors {result.errors}")
     head = "dry run finished" if dry_run else "pass finished"
     if result.interrupted:
@@ -1982,8 +2025,11 @@ class _Progress:
     """One status line on a terminal's stderr while a pass runs longer than
     DELAY seconds, redrawn at most every PERIOD seconds; never in the log.
 
-    A pass streams through the tree (that keeps memory flat), so there is no
-    total to count down to: the line shows what is done and the rate."""
+    A pass streams through the tree (that keeps its memory flat) and does not
+    know its total.  Once a pass has run DELAY seconds, a side thread counts
+    the source entries by name (count_entries), and from then on the line
+    says how far the pass is and about how long is left; short passes never
+    pay for the count."""
 
     DELAY, PERIOD = 2.0, 0.25
 
@@ -1991,34 +2037,55 @@ class _Progress:
     def wanted(stream, quiet: bool) -> bool:
         return not quiet and stream is not None and hasattr(stream, "isatty") and stream.isatty()
 
-    def __init__(self, stream, clock=time.monotonic):
-        self.stream, self.clock = stream, clock
+    def __init__(self, stream, clock=time.monotonic, count=None):
+        self.stream, self.clock, self.count = stream, clock, count
         self.shown = False
+        self.counter = None  # the thread counting the total, once started
         self.finish()
 
     def finish(self) -> None:
-        """End of a pass: clear the line and start counting afresh."""
+        """End of a pass: stop the count, clear the line, start afresh."""
+        if self.counter is not None:
+            self.stop_count.set()
+            self.counter.join()
         self.clear()
+        self.counter, self.stop_count, self.total = None, threading.Event(), None
         self.started = self.clock()
         self.drawn_at = float("-inf")
-        self.files = self.bytes = self.changes = 0
+        self.files = self.bytes = self.checked = 0
 
     def event(self, event: Event) -> None:
         if event.action in ("copy", "update"):
             self.files += 1
             self.bytes += int(event.detail or 0)
-        elif event.action != "error":
-            self.changes += 1
+        self.tick()
+
+    def progress(self, checked: int) -> None:
+        self.checked = checked
+        self.tick()
+
+    def tick(self) -> None:
         now = self.clock()
-        if now - self.started >= self.DELAY and now - self.drawn_at >= self.PERIOD:
-            self.drawn_at = now
-            self.draw(now - self.started)
+        if now - self.started < self.DELAY or now - self.drawn_at < self.PERIOD:
+            return
+        if self.counter is None and self.count is not None:
+            self.counter = threading.Thread(target=self.run_count, name="sync-count", daemon=True)
+            self.counter.start()
+        self.drawn_at = now
+        self.draw(now - self.started)
+
+    def run_count(self) -> None:
+        self.total = self.count(self.stop_count.is_set)
 
     def draw(self, elapsed: float) -> None:
-        rate = self.bytes / elapsed if elapsed else 0
-        minutes, seconds = divmod(int(elapsed), 60)
-        text = (f"sync.py: {self.files:,} files copied ({_human(self.bytes)}, {_human(int(rate))}/s), "
-                f"{self.changes:,} other changes, {minutes}:{seconds:02d} elapsed")
+        rate = _human(int(self.bytes / elapsed)) if elapsed else "0 bytes"
+        done = f"{self.checked:,} entries checked"
+        left = ""
+        if self.total and self.checked and self.checked <= self.total:
+            done = f"{self.checked:,} of {self.total:,} entries checked ({100 * self.checked // self.total}%)"
+            left = f", about {_clock(elapsed * (self.total - self.checked) / self.checked)} left"
+        text = (f"sync.py: {done}, {self.files:,} files copied ({_human(self.bytes)}, {rate}/s), "
+                f"{_clock(elapsed)} elapsed{left}")
         self.stream.write("\r" + text + "\x1b[K")
         self.stream.flush()
         self.shown = True
@@ -2026,7 +2093,14 @@ class _Progress:
     def clear(self) -> None:
         if self.shown:
             self.stream.write("\r\x1b[K")
+            self.stream.flush()
             self.shown = False
+
+
+def _clock(seconds: float) -> str:
+    minutes, seconds = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{seconds:02d}" if hours else f"{minutes}:{seconds:02d}"
 
 
 class _ArgumentParser(argparse.ArgumentParser):
@@ -2164,8 +2238,9 @@ def main(argv=None) -> int:
     stop, caught = threading.Event(), []
     _install_signal_handlers(stop, caught)
 
-    progress = _Progress(sys.stderr) if _Progress.wanted(sys.stderr, args.quiet) else None
-    if progress:
+    progress = None
+    if _Progress.wanted(sys.stderr, args.quiet):
+        progress = _Progress(sys.stderr, count=lambda stop: count_entries(args.source, options.excludes, stop))
         for handler in logger.handlers:
             if isinstance(handler, _Console):
                 handler.progress = progress
@@ -2191,11 +2266,12 @@ def main(argv=None) -> int:
                 _show(args.source), _show(args.replica), mode, _show(args.log_file),
                 _describe_options(parser, args), extra={"summary": True})
     try:
+        checked = progress.progress if progress else None
         if args.once:
-            on_pass(run_pass(args.source, args.replica, options, report, stop.is_set))
+            on_pass(run_pass(args.source, args.replica, options, report, stop.is_set, checked))
         else:
             run_periodically(args.source, args.replica, args.interval, options, report,
-                             on_pass, stop)
+                             on_pass, stop, progress=checked)
     except KeyboardInterrupt:
         logger.warning("stopped at once by a second signal")
         return EXIT_FAILED

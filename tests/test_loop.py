@@ -34,7 +34,7 @@ class FakeTime:
         self.waits.append(round(seconds, 6))
         self.now += seconds
 
-    def run_pass(self, source, replica, options, report, should_stop):
+    def run_pass(self, source, replica, options, report, should_stop, progress=None):
         self.starts.append(self.now)
         self.now += self.durations.pop(0)
         return sync.PassResult()

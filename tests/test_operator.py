@@ -191,9 +191,57 @@ def test_progress_line_appears_after_two_seconds_and_is_rate_limited():
         draws += stream.getvalue() != before
     assert draws == 4, "at most four updates a second"
     line = stream.getvalue().split("\r")[-1]
-    assert line == "sync.py: 34 files copied (34.0 MiB, 12.4 MiB/s), 0 other changes, 0:02 elapsed\x1b[K"
+    assert line == "sync.py: 0 entries checked, 34 files copied (34.0 MiB, 12.4 MiB/s), 0:02 elapsed\x1b[K"
     progress.finish()
     assert stream.getvalue().endswith("\r\x1b[K"), "the line is cleared when the pass ends"
+
+
+def test_progress_counts_the_total_only_for_long_passes_and_shows_what_is_left():
+    stream, clock, calls = io.StringIO(), Clock(), []
+
+    def count(stop):
+        calls.append(1)
+        return 1000
+
+    progress = sync._Progress(stream, clock, count=count)
+    clock.now = 1.5
+    progress.progress(100)
+    progress.finish()  # a short pass: no count at all
+    assert calls == [] and stream.getvalue() == ""
+    clock.now += 2.0
+    progress.progress(250)  # 2 s into the next pass: the count starts
+    progress.counter.join()
+    clock.now += 0.5
+    progress.progress(500)
+    line = stream.getvalue().split("\r")[-1]
+    assert line == ("sync.py: 500 of 1,000 entries checked (50%), 0 files copied (0 bytes, 0 bytes/s), "
+                    "0:02 elapsed, about 0:02 left\x1b[K")
+    assert calls == [1]
+
+
+def test_finishing_a_pass_stops_the_count():
+    started = []
+
+    def endless_count(stop):
+        started.append(1)
+        while not stop():
+            pass
+        return None
+
+    clock = Clock()
+    progress = sync._Progress(io.StringIO(), clock, count=endless_count)
+    clock.now = 3.0
+    progress.progress(1)
+    progress.finish()  # returns only once the counting thread has ended
+    assert started == [1] and progress.counter is None
+
+
+def test_count_entries_matches_what_a_pass_checks(src, dst):
+    make_tree(src, EXCLUDE_TREE)
+    for excludes in (None, sync.Excludes(["*.tmp", ".git/", "/cache/**"])):
+        result, _ = sync_once(src, dst, excludes=excludes, delete_excluded=True, workers=2)
+        assert sync.count_entries(str(src), excludes) == result.checked
+    assert sync.count_entries(str(src), None, should_stop=lambda: True) is None
 
 
 def test_progress_only_on_a_terminal_and_never_with_quiet():
@@ -212,6 +260,7 @@ def test_console_clears_the_progress_line_before_a_log_line():
     stream = io.StringIO()
     progress = sync._Progress(stream, Clock())
     progress.draw(3.0)
+    assert stream.getvalue().startswith("\rsync.py: ")
     console = sync._Console(stream)
     console.progress = progress
     console.emit(sync.logging.LogRecord("sync", 20, "", 0, "copied f", (), None))
