@@ -1937,9 +1937,12 @@ class _Console(_ReportOnce, logging.StreamHandler):
     progress = None  # a _Progress line to clear before each log line
 
     def emit(self, record):
-        if self.progress is not None:
-            self.progress.clear()
+        if self.progress is None or not self.progress.shown:
+            super().emit(record)
+            return
+        self.progress.clear()  # the log line goes above the status line,
         super().emit(record)
+        self.progress.redraw()  # which stays at the bottom
 
 
 class _QuietFilter(logging.Filter):
@@ -2086,7 +2089,11 @@ class _Progress:
             left = f", about {_clock(elapsed * (self.total - self.checked) / self.checked)} left"
         text = (f"sync.py: {done}, {self.files:,} files copied ({_human(self.bytes)}, {rate}/s), "
                 f"{_clock(elapsed)} elapsed{left}")
-        self.stream.write("\r" + text + "\x1b[K")
+        self.text = text
+        self.redraw()
+
+    def redraw(self) -> None:
+        self.stream.write("\r" + self.text + "\x1b[K")
         self.stream.flush()
         self.shown = True
 

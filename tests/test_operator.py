@@ -256,15 +256,16 @@ def test_progress_only_on_a_terminal_and_never_with_quiet():
         os.close(slave)
 
 
-def test_console_clears_the_progress_line_before_a_log_line():
+def test_console_writes_log_lines_above_the_progress_line():
     stream = io.StringIO()
     progress = sync._Progress(stream, Clock())
     progress.draw(3.0)
     assert stream.getvalue().startswith("\rsync.py: ")
     console = sync._Console(stream)
     console.progress = progress
+    line = stream.getvalue()
     console.emit(sync.logging.LogRecord("sync", 20, "", 0, "copied f", (), None))
-    assert stream.getvalue().endswith("\r\x1b[Kcopied f\n")
+    assert stream.getvalue() == line + "\r\x1b[Kcopied f\n" + line, "the status line stays at the bottom"
 
 
 # --- 4. --modify-window ----------------------------------------------------------------
