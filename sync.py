@@ -70,7 +70,7 @@ import sys
 import threading
 import time
 from collections import Counter
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable, NamedTuple, Optional
 
@@ -446,7 +446,9 @@ def _create_temp_file(path, dir_fd) -> int:
 
 
 def _copy_bytes(fin: int, fout: int, size_hint: int) -> int:
-    """Copy from fin's position to EOF; return the number of bytes copied.
+    """Copy from fin's position until size_hint bytes are copied or EOF;
+    return the number of bytes copied.  (A file that grew meanwhile is
+    caught by _copy_file, which compares fstat before and after.)
 
     Tries the kernel's fast paths first (copy_file_range can clone blocks on
     btrfs/XFS/NFS 4.2; sendfile avoids user-space buffers) and falls back to a
@@ -465,6 +467,8 @@ def _copy_bytes(fin: int, fout: int, size_hint: int) -> int:
                 if n == 0:
                     break
                 total += n
+                if total >= size_hint:
+                    break  # saves the call that would find EOF; growth shows in the caller's fstat
         except OSError as err:
             if total or err.errno not in (
                 errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP,
@@ -681,6 +685,19 @@ def _match_moves(gone: dict, new: dict):
         return []
     olds = unique(gone)
     return sorted((olds[k], name) for k, name in unique(new).items() if k in olds)
+
+
+class _Done:
+    """A result that is already there, answering like a Future (a real Future
+    per small file costs more than copying it on tmpfs)."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value):
+        self.value = value
+
+    def result(self):
+        return self.value
 
 
 class _Worker:
@@ -1308,15 +1325,13 @@ class _Pass:
                 return
         self.emit("chmod", rel, f"{mode:#o}")
 
-    def submit(self, large: bool, fn, *args) -> Future:
+    def submit(self, large: bool, fn, *args):
         """Run fn in a worker thread when the work is large, else here and now."""
         if large:
             if self.pool is None:
                 self.pool = ThreadPoolExecutor(LARGE_FILE_THREADS, thread_name_prefix="sync")
             return self.pool.submit(fn, *args)
-        done = Future()
-        done.set_result(fn(*args))
-        return done
+        return _Done(fn(*args))
 
     def sync_link(self, frame, name, want: Entry, have: Optional[Entry]) -> None:
         if have is not None and have.target == want.target:
@@ -1968,6 +1983,11 @@ _FORMAT = _Formatter("%(asctime)s.%(msecs)03d %(levelname)-7s %(message)s", "%Y-
 
 
 def _setup_logging(log_file: str, quiet: bool, verbose: bool) -> logging.Logger:
+    # The logging HOWTO's "Optimization" switches: this process never logs
+    # which line, thread or process a record came from, and a pass may log
+    # one line per file.
+    logging._srcfile = None
+    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
     logger = logging.getLogger("sync")
     logger.handlers.clear()
     logger.propagate = False
