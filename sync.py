@@ -323,7 +323,7 @@ if _DIR_FD:
     def _close_dir(d):
         os.close(d)
 
-else:  # pragma: no cover - exercised on Windows only
+else:  # Windows, and SYNCPY_NO_DIR_FD in the tests
 
     def _at(d, name):
         return os.path.join(d, name), None
@@ -497,7 +497,7 @@ def _set_file_stat(fout: int, path, dir_fd, st: os.stat_result) -> None:
     if _DIR_FD:
         os.chmod(fout, mode)
         os.utime(fout, ns=times)
-    else:  # pragma: no cover - Windows: by path, after the data is flushed
+    else:  # by path (Windows, and SYNCPY_NO_DIR_FD), after the data is flushed
         os.utime(path, ns=times)
         os.chmod(path, mode)
 
@@ -529,20 +529,25 @@ def _copy_file(sd, dd, name) -> tuple[int, bool]:
                     _set_file_stat(fout, tmp_path, tmp_fd, before)
             finally:
                 os.close(fout)
-            if not _DIR_FD:  # pragma: no cover
+            if not _DIR_FD:  # by path, once the data is written and the file closed
                 _set_file_stat(fout, tmp_path, tmp_fd, before)
             after = os.fstat(fin)
             final_path, final_fd = _at(dd, name)
             os.replace(tmp_path, final_path, src_dir_fd=tmp_fd, dst_dir_fd=final_fd)
         except BaseException:
-            try:
-                os.unlink(tmp_path, dir_fd=tmp_fd)
-            except OSError:
-                pass  # already gone or the directory is unusable; the next pass removes it
+            _discard_temp(tmp_path, tmp_fd)
             raise
     finally:
         os.close(fin)
     return copied, _same_signature(before, after)
+
+
+def _discard_temp(path, dir_fd) -> None:
+    """Remove a temporary file after a failure."""
+    try:
+        os.unlink(path, dir_fd=dir_fd)
+    except OSError:
+        pass  # already gone, or its folder is unusable: the next pass removes it
 
 
 def _make_link(dd, name, target: str) -> None:
@@ -552,10 +557,7 @@ def _make_link(dd, name, target: str) -> None:
         final_path, _ = _at(dd, name)
         os.replace(tmp_path, final_path, src_dir_fd=fd, dst_dir_fd=fd)
     except BaseException:
-        try:
-            os.unlink(tmp_path, dir_fd=fd)
-        except OSError:
-            pass  # the next pass removes it
+        _discard_temp(tmp_path, fd)
         raise
 
 
