@@ -344,11 +344,7 @@ else:  # Windows, and SYNCPY_NO_DIR_FD in the tests
         pass
 
 
-_KINDS = {stat.S_IFREG: FILE, stat.S_IFDIR: DIR, stat.S_IFLNK: LINK}
-
-
-def _kind(mode: int) -> str:
-    return _KINDS.get(stat.S_IFMT(mode), SPECIAL)
+_KINDS = {stat.S_IFREG: FILE, stat.S_IFDIR: DIR, stat.S_IFLNK: LINK}  # else SPECIAL
 
 
 def _scan(d) -> tuple[dict, list]:
