@@ -63,6 +63,7 @@ import os
 import pickle
 import itertools
 import re
+import select
 import selectors
 import signal
 import stat
@@ -97,6 +98,14 @@ _TEMP_NAME = re.compile(r"\.syncpy-[0-9a-f]{16}\.tmp\Z")
 _TRASH_STAMP = re.compile(r"(\d{4}-\d\d-\d\d_\d{6})\.\d{3}\Z")
 
 COPY_CHUNK = 1 << 20  # bytes per read for the buffered copy and comparisons
+# The default guard against mass deletion: a folder whose deletions would
+# remove more than this many entries, and more than half of REPLICA's, is
+# left alone (see _Pass.mass_deletion).
+MASS_DELETE_FLOOR = 100
+# Files that failed for lack of space while other copies were running are
+# retried once at the end of the pass; at most this many are remembered.
+RETRY_LIMIT = 1000
+MAX_WAIT = 3600.0  # the loop sleeps in steps of at most this (a clock limit, not a policy)
 # Worker processes walk separate subtrees at once.  Processes, not threads:
 # a pass is mostly system calls of a microsecond each, and threads spend
 # more handing the GIL around such calls than they win.
@@ -115,6 +124,12 @@ _O_DIRECTORY = getattr(os, "O_DIRECTORY", 0)
 _O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 _O_NONBLOCK = getattr(os, "O_NONBLOCK", 0)  # a FIFO swapped in must not block open()
 _O_NOATIME = getattr(os, "O_NOATIME", 0)  # reading should not touch the source's atime
+# A handle on a file that opens nothing (Linux): chmod through /proc/self/fd
+# then works on a file of mode 000 and never follows a link.
+_O_PATH = getattr(os, "O_PATH", 0) if os.path.isdir("/proc/self/fd") else 0
+# Where Linux says what is mounted, and what should be.
+MOUNTINFO = "/proc/self/mountinfo"
+FSTAB = "/etc/fstab"
 
 # Directory file descriptors, where the platform has every call we need.
 _DIR_FD = (
@@ -174,6 +189,7 @@ ACTIONS = {
     "vanished": logging.INFO,  # a source file disappeared before it could be copied
     "skip": logging.WARNING,  # a source entry that is never mirrored (special file)
     "changed": logging.WARNING,  # a source file changed while it was being copied
+    "clamped": logging.WARNING,  # REPLICA's file system cannot store this mtime (detail: what it kept)
     "overrun": logging.WARNING,  # a pass took longer than the interval
     "error": logging.ERROR,  # an item could not be mirrored
 }
@@ -195,6 +211,13 @@ class Options:
     modify_window_ns: int = 0  # mtimes this close count as equal (FAT, SMB)
     trash: Optional[str] = None  # move what a pass deletes or overwrites here, not destroy it
     trash_keep_days: Optional[float] = None  # prune trash folders of older passes
+    # Let one folder's deletions remove more than half of REPLICA (refused by
+    # default; an explicit max_delete replaces this guard).
+    allow_mass_delete: bool = False
+    # Files that must never be inside REPLICA, by what to call them (the
+    # CLI's {"LOG_FILE": path}); checked at the start of every pass, like the
+    # separation of the trees.
+    protect: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -207,6 +230,7 @@ class PassResult:
     errors: int = 0
     duration: float = 0.0
     interrupted: bool = False  # stopped early on request
+    refused: bool = False  # a safety check refused the pass or a folder: see the error events
 
     @property
     def exact(self) -> bool:
@@ -217,6 +241,16 @@ class PassResult:
 
 class UsageError(Exception):
     """Bad arguments or a failed precondition: nothing has been changed."""
+
+
+class Refused(UsageError):
+    """A pass cannot start safely (the trees overlap, REPLICA's drive is gone,
+    ...): nothing has been changed.  At start-up the CLI exits 2 with it;
+    later, the pass fails with it as an error."""
+
+
+class _Aborted(Exception):
+    """A copy or comparison abandoned at once on request (a second signal)."""
 
 
 class _Vanished(Exception):
@@ -275,20 +309,44 @@ def _glob_regex(glob: str) -> str:
             i += 2
             continue
         c = glob[i]
-        end = glob.find("]", i + 2) if c == "[" else -1
         if c == "*":
             out.append("[^/]*")
         elif c == "?":
             out.append("[^/]")
-        elif end > 0:
-            inner = glob[i + 1:end]
-            inner = "^" + inner[1:] if inner.startswith("!") else inner
-            out.append("[" + inner.replace("\\", "\\\\") + "]")
-            i = end
+        elif c == "[" and (found := _glob_class(glob, i)) is not None:
+            regex, i = found
+            out.append(regex)
         else:
             out.append(re.escape(c))
         i += 1
     return "".join(out)
+
+
+def _glob_class(glob: str, start: int):
+    """The regex of the bracket expression that opens at glob[start], and the
+    index of its closing "]"; None when it is not closed (the "[" is then a
+    plain character).  A "]" first in the set is a member, "!" or "^" first
+    negates, and a reversed range (z-a) matches nothing, as in fnmatch."""
+    first = start + 1
+    negate = glob[first:first + 1] in ("!", "^")
+    first += negate
+    end = glob.find("]", first + 1 if glob[first:first + 1] == "]" else first)
+    if end < 0:
+        return None
+    members, parts, j = glob[first:end], [], 0
+    while j < len(members):
+        if members[j + 1:j + 2] == "-" and j + 2 < len(members):
+            low, high = members[j], members[j + 2]
+            if low <= high:
+                parts.append(f"{re.escape(low)}-{re.escape(high)}")
+            j += 3
+        else:
+            parts.append(re.escape(members[j]))
+            j += 1
+    body = "".join(parts)
+    if negate:
+        return f"[^/{body}]", end  # never across a "/"
+    return (f"[{body}]" if body else "(?!)"), end
 
 
 def _union(regexes: list):
@@ -375,9 +433,13 @@ def _scan(d) -> tuple[dict, list]:
     return entries, failed
 
 
-def _same_signature(a: os.stat_result, b: os.stat_result, window_ns: int = 0) -> bool:
-    """Size equal and mtime equal (within window_ns): the cheap test, as filecmp._sig does."""
-    return a.st_size == b.st_size and abs(a.st_mtime_ns - b.st_mtime_ns) <= window_ns
+def _same_signature(src: os.stat_result, dst: os.stat_result, window_ns: int = 0,
+                    times: Optional["Times"] = None) -> bool:
+    """Size equal and mtime equal (within window_ns, and as the replica's
+    file system stores the source's time): the cheap test, as filecmp._sig
+    does."""
+    mtime = times.fit(src.st_mtime_ns) if times is not None else src.st_mtime_ns
+    return src.st_size == dst.st_size and abs(mtime - dst.st_mtime_ns) <= window_ns
 
 
 def _open_source_file(d, name) -> int:
@@ -393,13 +455,16 @@ def _open_source_file(d, name) -> int:
     return os.open(path, flags, dir_fd=fd)
 
 
-def _same_contents(sd, dd, name, dst_name=None) -> bool:
-    """Compare the bytes of NAME in sd with those of DST_NAME (or NAME) in dd."""
+def _same_contents(sd, dd, name, dst_name=None, abort=None) -> bool:
+    """Compare the bytes of NAME in sd with those of DST_NAME (or NAME) in dd.
+    Raises _Aborted when abort() turns true."""
     fa = _open_source_file(sd, name)
     try:
         fb = _open_source_file(dd, dst_name or name)
         try:
             while True:
+                if abort is not None and abort():
+                    raise _Aborted()
                 a = os.read(fa, COPY_CHUNK)
                 b = os.read(fb, COPY_CHUNK)
                 if a != b:
@@ -410,6 +475,101 @@ def _same_contents(sd, dd, name, dst_name=None) -> bool:
             os.close(fb)
     finally:
         os.close(fa)
+
+
+class Times(NamedTuple):
+    """How a file system stores modification times, as _probe_times found
+    it: in steps of `step` nanoseconds, rounded down, to the nearest or up,
+    and held within [lowest, highest] where it cannot store more (None: as
+    far as the probe could tell, no limit)."""
+
+    step: int = 1
+    rounding: str = "down"
+    lowest: Optional[int] = None
+    highest: Optional[int] = None
+
+    @property
+    def exact(self) -> bool:
+        return self.step == 1 and self.lowest is None and self.highest is None
+
+    def fit(self, ns: int) -> int:
+        """The time this file system keeps when it is asked to store ns."""
+        step = self.step
+        if step > 1:
+            if self.rounding == "down":
+                ns -= ns % step
+            elif self.rounding == "up":
+                ns += -ns % step
+            else:
+                ns = (ns + step // 2) // step * step
+        if self.highest is not None and ns > self.highest:
+            return self.highest
+        if self.lowest is not None and ns < self.lowest:
+            return self.lowest
+        return ns
+
+    def keeps(self, ns: int) -> bool:
+        """ns lies within the range this file system can store."""
+        return not (self.highest is not None and ns > self.highest
+                    or self.lowest is not None and ns < self.lowest)
+
+
+# Times with and without sub-second parts, odd and even seconds: enough to
+# tell steps of 1 ns, 100 ns (NTFS), 1 us, 1 ms, 10 ms (exFAT), 1 s (ext4
+# with 128-byte inodes) and 2 s (FAT) apart, and how they round.
+_PROBE_TIMES = (1_600_000_001_999_999_999, 1_600_000_002_000_000_001,
+                1_600_000_003_500_000_000, 1_600_000_004_123_456_789)
+_PROBE_STEPS = (1, 100, 1_000, 1_000_000, 10_000_000, 1_000_000_000, 2_000_000_000)
+_PROBE_FAR = (253_402_300_799 * 10**9, -5_364_662_400 * 10**9)  # 9999-12-31, 1800-01-01
+
+
+def _probe_times(dd) -> Times:
+    """Learn how the file system of directory dd stores modification times:
+    set times on a temporary file there and read them back.  A file system
+    that keeps every time as set (or a probe that cannot write) gives the
+    exact Times()."""
+    try:
+        folder = os.stat(dd)
+        path, fd, out = _create_temp(dd, _create_temp_file)
+    except OSError:
+        return Times()
+    try:
+        def stored(ns):
+            if _DIR_FD:
+                os.utime(out, ns=(ns, ns))
+                return os.fstat(out).st_mtime_ns
+            os.utime(path, ns=(ns, ns))
+            return os.stat(path).st_mtime_ns
+
+        seen = [(ns, stored(ns)) for ns in _PROBE_TIMES]
+        found = next((Times(step, rounding) for step in _PROBE_STEPS
+                      for rounding in ("down", "nearest", "up")
+                      if all(Times(step, rounding).fit(ns) == got for ns, got in seen)), Times())
+        limits = {}
+        for far, limit in zip(_PROBE_FAR, ("highest", "lowest")):
+            try:
+                got = stored(far)
+            except (OSError, OverflowError, ValueError):
+                continue  # refused outright: such a time fails its copy, reported as an error
+            if got != found.fit(far):
+                limits[limit] = got
+        return found._replace(**limits)
+    except OSError:
+        return Times()
+    finally:
+        os.close(out)
+        _discard_temp(path, fd)
+        try:  # the probe leaves no trace, not even in the folder's mtime
+            os.utime(dd, ns=(folder.st_atime_ns, folder.st_mtime_ns))
+        except OSError:
+            pass  # the walk sets it anyway when the pass goes on
+
+
+def _utc(ns: int) -> str:
+    try:
+        return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(ns // 1_000_000_000))
+    except (OverflowError, OSError, ValueError):
+        return f"{ns} ns after 1970"
 
 
 # ------------------------------------------------------------------ actions --
@@ -441,7 +601,7 @@ def _create_temp_file(path, dir_fd) -> int:
     return os.open(path, flags, 0o600, dir_fd=dir_fd)
 
 
-def _copy_bytes(fin: int, fout: int, size_hint: int) -> int:
+def _copy_bytes(fin: int, fout: int, size_hint: int, abort=None) -> int:
     """Copy from fin's position until size_hint bytes are copied or EOF;
     return the number of bytes copied.  (A file that grew meanwhile is
     caught by _copy_file, which compares fstat before and after.)
@@ -449,6 +609,8 @@ def _copy_bytes(fin: int, fout: int, size_hint: int) -> int:
     Tries the kernel's fast paths first (copy_file_range can clone blocks on
     btrfs/XFS/NFS 4.2; sendfile avoids user-space buffers) and falls back to a
     buffered copy when a fast path is refused before it copied anything.
+    abort() is asked before every chunk: when true, _Aborted is raised, so
+    that no copy outlives a request to stop at once by more than one chunk.
     """
     total = 0
     for fast in (getattr(os, "copy_file_range", None), getattr(os, "sendfile", None)):
@@ -456,6 +618,8 @@ def _copy_bytes(fin: int, fout: int, size_hint: int) -> int:
             continue
         try:
             while True:
+                if abort is not None and abort():
+                    raise _Aborted()
                 if fast is os.sendfile:
                     n = os.sendfile(fout, fin, total, COPY_CHUNK * 8)
                 else:
@@ -476,6 +640,8 @@ def _copy_bytes(fin: int, fout: int, size_hint: int) -> int:
         if total or not size_hint:
             return total
     while True:
+        if abort is not None and abort():
+            raise _Aborted()
         chunk = os.read(fin, COPY_CHUNK)
         if not chunk:
             return total
@@ -486,24 +652,45 @@ def _copy_bytes(fin: int, fout: int, size_hint: int) -> int:
         total += len(chunk)
 
 
+def _mirrored_mode(src: os.stat_result, dst: os.stat_result) -> int:
+    """The permission bits a replica entry gets: the source's, except that
+    setuid (setgid) is dropped where the replica entry's owner (group) is not
+    the source's, as cp does: a user's setuid program must not become a
+    root-owned one."""
+    mode = stat.S_IMODE(src.st_mode)
+    if mode & stat.S_ISUID and src.st_uid != dst.st_uid:
+        mode &= ~stat.S_ISUID
+    if mode & stat.S_ISGID and src.st_gid != dst.st_gid:
+        mode &= ~stat.S_ISGID
+    return mode
+
+
+_SET_ID = stat.S_ISUID | stat.S_ISGID
+
+
 def _set_file_stat(fout: int, path, dir_fd, st: os.stat_result) -> None:
     """Give a freshly written file the source's permission bits and times."""
     mode = stat.S_IMODE(st.st_mode)
     times = (st.st_atime_ns, st.st_mtime_ns)
     if _DIR_FD:
+        if mode & _SET_ID:
+            mode = _mirrored_mode(st, os.fstat(fout))
         os.chmod(fout, mode)
         os.utime(fout, ns=times)
     else:  # by path (Windows, and SYNCPY_NO_DIR_FD), after the data is flushed
+        if mode & _SET_ID:
+            mode = _mirrored_mode(st, os.stat(path))
         os.utime(path, ns=times)
         os.chmod(path, mode)
 
 
-def _copy_file(sd, dd, name) -> tuple[int, bool]:
+def _copy_file(sd, dd, name, abort=None) -> tuple[int, bool]:
     """Copy NAME from directory sd to directory dd atomically.
 
     Returns (bytes copied, stable) where stable is False when the source's size
     or mtime changed during the copy.  The replica then carries the pre-copy
-    mtime, so the next pass copies it again.
+    mtime, so the next pass copies it again.  Raises _Aborted (the temporary
+    file removed) when abort() turns true.
     """
     try:
         fin = _open_source_file(sd, name)
@@ -520,7 +707,7 @@ def _copy_file(sd, dd, name) -> tuple[int, bool]:
         tmp_path, tmp_fd, fout = _create_temp(dd, _create_temp_file)
         try:
             try:
-                copied = _copy_bytes(fin, fout, before.st_size)
+                copied = _copy_bytes(fin, fout, before.st_size, abort)
                 if _DIR_FD:
                     _set_file_stat(fout, tmp_path, tmp_fd, before)
             finally:
@@ -558,19 +745,25 @@ def _make_link(dd, name, target: str) -> None:
 
 
 def _chmod_file(dd, name, mode: int, expected: os.stat_result) -> None:
-    """Set the permission bits of a replica file in place, never via a link."""
+    """Set the permission bits of a replica file in place, never via a link.
+
+    On Linux the file is opened with O_PATH, which needs no permission on
+    the file itself, so a replica file of mode 000 can be given its new mode
+    by its owner; the chmod goes through /proc/self/fd to that very inode.
+    """
     path, fd = _at(dd, name)
     if not _DIR_FD:  # by path: a link swapped in between is the stated window
         if not os.path.samestat(os.lstat(path), expected):
             raise OSError(errno.ESTALE, "replaced while being updated")
         os.chmod(path, mode)
         return
-    handle = os.open(path, os.O_RDONLY | _O_NOFOLLOW | _O_NONBLOCK | _O_CLOEXEC, dir_fd=fd)
+    access = _O_PATH or os.O_RDONLY | _O_NONBLOCK
+    handle = os.open(path, access | _O_NOFOLLOW | _O_CLOEXEC, dir_fd=fd)
     try:
         st = os.fstat(handle)
         if not (stat.S_ISREG(st.st_mode) and os.path.samestat(st, expected)):
             raise OSError(errno.ESTALE, "replaced while being updated")
-        os.chmod(handle, mode)
+        os.chmod(f"/proc/self/fd/{handle}" if _O_PATH else handle, mode)
     finally:
         os.close(handle)
 
@@ -624,25 +817,30 @@ def _list_pair(frame) -> _Listing:
     return _Listing(src, unreadable, dst, dst_unreadable)
 
 
-def _file_job(sd, dd, name, compare_first: bool, copy: bool, should_stop) -> tuple:
+def _file_job(sd, dd, name, compare_first: bool, copy: bool, should_stop, abort) -> tuple:
     """The slow part of bringing one file up to date; runs in a worker thread.
 
     Returns ("same",) when compare_first found equal contents, ("differs",)
     when it found other contents and copy is False, ("copied", bytes, stable),
     or ("vanished",), ("not regular",), ("stopped",), ("failed", what, OSError).
+    abort() abandons a comparison or copy mid-file: ("stopped",).
     """
     if should_stop():
         return ("stopped",)
     if compare_first:
         try:
-            if _same_contents(sd, dd, name):
+            if _same_contents(sd, dd, name, abort=abort):
                 return ("same",)
+        except _Aborted:
+            return ("stopped",)
         except OSError as err:
             return ("failed", "compare contents", err)
         if not copy:
             return ("differs",)
     try:
-        return ("copied", *_copy_file(sd, dd, name))
+        return ("copied", *_copy_file(sd, dd, name, abort))
+    except _Aborted:
+        return ("stopped",)
     except _Vanished:
         return ("vanished",)
     except _NotRegular:
@@ -758,7 +956,7 @@ class _Frame:
     """A directory pair on the walk's stack."""
 
     __slots__ = ("parent", "name", "dst_name", "rel", "src_st", "dst_exists", "dst_mode",
-                 "dst_mtime", "sd", "dd", "changed", "writable")
+                 "dst_mtime", "sd", "dd", "changed", "writable", "verify")
 
     def __init__(self, parent, name, rel, src_st, dst_st, dst_exists):
         self.parent = parent
@@ -773,6 +971,10 @@ class _Frame:
         self.dd = None
         self.changed = False  # entries added or removed: the mtime must be reset
         self.writable = False
+        # Inside a folder matched as a rename this pass: equal size and mtime
+        # prove nothing there (a copy made with cp -a looks the same), so
+        # files are compared by their bytes.
+        self.verify = False
 
 
 def _join(rel: str, name: str) -> str:
@@ -786,17 +988,72 @@ def _reason(err: BaseException) -> str:
     return str(err) or type(err).__name__
 
 
-class _Pass:
-    """The state of one pass; see run_pass()."""
+def _dup(handle):
+    """A second handle on the same directory, to be closed on its own."""
+    return os.dup(handle) if _DIR_FD else handle
 
-    def __init__(self, options: Options, report, should_stop, progress=None):
+
+def _count_inside(d, cap: int) -> int:
+    """How many entries lie below directory handle d, counted by name only
+    (no stat; links are not followed) and at most cap.  What cannot be
+    listed counts as empty: the count is for a guard, never for a decision
+    to delete."""
+    total = 0
+    stack = [(d, False, None)]  # (handle, opened here, names of subfolders left to visit)
+    try:
+        while stack and total < cap:
+            handle, owned, pending = stack[-1]
+            if pending is None:
+                pending = []
+                try:
+                    with os.scandir(handle) as listing:
+                        for item in listing:
+                            total += 1
+                            if item.is_dir(follow_symlinks=False):
+                                pending.append(item.name)
+                except OSError:
+                    pass
+                stack[-1] = (handle, owned, pending)
+            if pending:
+                try:
+                    stack.append((_open_dir(handle, pending.pop()), True, None))
+                except OSError:
+                    pass
+                continue
+            stack.pop()
+            if owned:
+                _close_dir(handle)
+    finally:
+        for handle, owned, _ in stack:
+            if owned:
+                _close_dir(handle)
+    return min(total, cap)
+
+
+_NO_SPACE = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
+
+
+class _Pass:
+    """The state of one pass; see Mirror.run_pass()."""
+
+    def __init__(self, options: Options, report, should_stop, progress=None, abort=lambda: False):
         self.options = options
         self.report = report
-        self.should_stop = should_stop
+        self.should_stop = should_stop  # true also once abort() is
+        self.abort = abort  # a request to stop at once: copies are abandoned mid-file
         self.progress = progress  # called with the number of entries checked so far
         self.result = PassResult()
         self.deleted = 0  # entries removed (or, in a dry run, that would be), temporary files aside
         self.pool = None  # worker threads, while run() runs
+        self.roots = None  # the _Roots, while run() runs
+        self.protected = frozenset()  # identities no folder inside the trees may have
+        self.times = Times()  # how REPLICA stores mtimes (Mirror probes it)
+        # The default guard against mass deletion, unless an explicit
+        # --max-delete replaces it or it is turned off.
+        self.guarded = options.max_delete is None and not options.allow_mass_delete
+        self.replica_total = None  # entries in REPLICA, counted when the guard first needs it
+        self.retries = []  # (folder, name, new, OSError): copies that failed for lack of space
+        self.retry_later = True  # False once retry_copies runs: failures are then final
         now = time.time()  # names this pass's trash folder; workers inherit it
         self.trash_stamp = time.strftime("%Y-%m-%d_%H%M%S", time.localtime(now)) + f".{int(now * 1000) % 1000:03d}"
 
@@ -813,9 +1070,14 @@ class _Pass:
         self.result.errors += 1
         self.emit("error", rel, message)
 
+    def refuse(self, rel: str, message: str) -> None:
+        """A safety check refused the pass ("") or one folder: nothing there changes."""
+        self.result.refused = True
+        self.error(rel, message)
+
     def may_delete(self, rel: str) -> bool:
         """The --max-delete safety net, for a source that changed after the
-        pass counted its deletions (see run_pass)."""
+        pass counted its deletions (see Mirror.run_pass)."""
         limit = self.options.max_delete
         if limit is None or self.deleted < limit:
             return True
@@ -827,37 +1089,27 @@ class _Pass:
             self.result.interrupted = True
         return self.result.interrupted
 
+    def reached_again(self, rel: str, entry: Entry) -> bool:
+        """A folder inside a tree that is one of the roots, or a folder above
+        one, seen again through a (bind) mount: entering, moving or deleting
+        it would work on SOURCE (or REPLICA, TRASH) itself.  Reported, and
+        never touched."""
+        if entry.kind != DIR or (entry.st.st_dev, entry.st.st_ino) not in self.protected:
+            return False
+        self.refuse(rel, "this folder is SOURCE, REPLICA or TRASH (or a folder above one of them) "
+                         "seen again through a mount; it was left alone")
+        return True
+
     # -- the walk
 
-    def run(self, source: str, replica: str) -> None:
-        dry = self.options.dry_run
-        try:
-            sd = _open_root(source)
-        except OSError as err:
-            self.fail("", f"open SOURCE {source!r}", err)
-            return
-        try:
-            src_st = os.stat(sd)  # a descriptor or, on Windows, the path
-            if not dry:
-                os.makedirs(replica, exist_ok=True)
-            try:
-                dd = _open_root(replica)
-            except FileNotFoundError:
-                if not dry:
-                    raise
-                dd = None
-        except OSError as err:
-            _close_dir(sd)
-            self.fail("", f"open REPLICA {replica!r}", err)
-            return
-        if self.options.trash and self.options.trash_keep_days is not None:
+    def run(self, roots: "_Roots") -> None:
+        self.roots, self.protected = roots, roots.protected
+        if self.options.trash and self.options.trash_keep_days is not None and roots.trash is not None:
             self.prune_trash()
-        root = _Frame(None, None, "", src_st, None, dd is not None)
+        sd = _dup(roots.source)
+        dd = _dup(roots.replica) if roots.replica is not None else None
+        root = _Frame(None, None, "", os.stat(sd), os.stat(dd) if dd is not None else None, dd is not None)
         root.sd, root.dd = sd, dd
-        if dd is not None:
-            dst_st = os.stat(dd)
-            root.dst_mode = stat.S_IMODE(dst_st.st_mode)
-            root.dst_mtime = dst_st.st_mtime_ns
         try:
             if self.options.workers > 1 and _CAN_FORK and self.options.max_delete is None:
                 self.walk_split(root)
@@ -865,6 +1117,7 @@ class _Pass:
                 self.walk(root)
         finally:
             self.stop_threads()
+        self.retry_copies()
 
     def stop_threads(self) -> None:
         if self.pool is not None:
@@ -889,6 +1142,8 @@ class _Pass:
                 stack.append((frame, True))
                 stack.extend((child, False) for child in reversed(children))
         finally:
+            if stack:  # left by an exception: no copy thread may still use these folders
+                self.stop_threads()
             for frame, entered in stack:
                 if entered or frame is root:
                     self.close(frame)
@@ -901,6 +1156,7 @@ class _Pass:
         try:
             return self.enter(frame)
         except BaseException:
+            self.stop_threads()
             self.close(frame)
             raise
 
@@ -930,6 +1186,8 @@ class _Pass:
                     self.walk(task)
             completed = True
         finally:
+            if not completed:
+                self.stop_threads()
             for frame in reversed(entered):
                 if completed:
                     self.finish(frame)
@@ -941,7 +1199,9 @@ class _Pass:
         processes, handed out one at a time; report their events in task
         order, as a single process would have."""
         self.stop_threads()  # no threads may be running across a fork
-        stop_flag = mmap.mmap(-1, 1)  # shared with the workers: set to ask them to stop
+        # Shared with the workers: 1 asks them to stop after the current
+        # item, 2 to stop at once (abandoning a copy mid-file).
+        stop_flag = mmap.mmap(-1, 1)
         workers, parent = {}, os.getpid()
         try:
             for _ in range(min(self.options.workers, len(tasks))):
@@ -964,7 +1224,7 @@ class _Pass:
                 workers[msg_r] = _Worker(pid, task_w, msg_r)
             self.collect(tasks, workers, stop_flag)
         finally:
-            stop_flag[0] = 1
+            stop_flag[0] = max(stop_flag[0], 1)
             for w in workers.values():
                 w.close()
                 os.waitpid(w.pid, 0)
@@ -972,9 +1232,10 @@ class _Pass:
     def serve(self, tasks, task_r, msg_w, stop_flag, parent) -> int:
         """A worker's life: walk each task index the parent sends, stream its
         events back, and end with this worker's share of the counts."""
-        outer_stop = self.should_stop
+        outer_stop, outer_abort = self.should_stop, self.abort
+        self.abort = lambda: stop_flag[0] == 2 or outer_abort()
         self.should_stop = lambda: stop_flag[0] != 0 or os.getppid() != parent or outer_stop()
-        self.result, self.deleted, self.progress = PassResult(), 0, None
+        self.result, self.deleted, self.progress, self.retries = PassResult(), 0, None, []
         batch, current = [], [None]
 
         def report(event):
@@ -993,7 +1254,8 @@ class _Pass:
             _send(msg_w, ("done", index, batch, self.result.checked))
             batch.clear()
         r = self.result
-        _send(msg_w, ("result", dict(r.counts), r.bytes_copied, r.errors, r.interrupted, self.deleted))
+        _send(msg_w, ("result", dict(r.counts), r.bytes_copied, r.errors, r.interrupted, r.refused,
+                      self.deleted, self.retries))
         return 0
 
     def collect(self, tasks, workers: dict, stop_flag) -> None:
@@ -1054,15 +1316,17 @@ class _Pass:
                     if kind == "done":
                         hand_out(w)
                     elif kind == "result":  # this worker's share
-                        counts, copied, errors, interrupted, deleted = message[1:]
+                        counts, copied, errors, interrupted, refused, deleted, retries = message[1:]
                         self.result.counts.update(counts)
                         self.result.bytes_copied += copied
                         self.result.errors += errors
                         self.result.interrupted |= interrupted
+                        self.result.refused |= refused
                         self.deleted += deleted
+                        self.retries += retries
                         w.finished = True
             if self.stopping():
-                stop_flag[0] = 1
+                stop_flag[0] = 2 if self.abort() else max(stop_flag[0], 1)
         selector.close()
         self.result.checked += sum(w.checked for w in workers.values())
         for index in range(handed, len(tasks)):  # left by workers that died
@@ -1078,7 +1342,7 @@ class _Pass:
         """Mirror one directory's entries; return the subdirectories to walk.
 
         Returns None (and leaves the replica side untouched) when either side
-        cannot be opened or listed.
+        cannot be opened or listed, or a safety check refuses the folder.
         """
         rel = frame.rel
         listing = _list_pair(frame)
@@ -1099,9 +1363,12 @@ class _Pass:
 
         if frame.parent is None and not self.options.allow_empty_source and _looks_unmounted(src, dst):
             self.close(frame)
-            self.error("", "SOURCE is empty but REPLICA is not: refusing to delete everything in "
-                           "REPLICA (an unmounted drive looks like this); nothing was changed. "
-                           "Use --allow-empty-source if SOURCE is meant to be empty.")
+            self.refuse("", "SOURCE is empty but REPLICA is not: refusing to delete everything in "
+                            "REPLICA (an unmounted drive looks like this); nothing was changed. "
+                            "Use --allow-empty-source if SOURCE is meant to be empty.")
+            return None
+        if not self.restrict(frame):
+            self.close(frame)
             return None
 
         keep = set()  # names whose replica entry must not be touched this pass
@@ -1120,36 +1387,50 @@ class _Pass:
                 continue
             wanted[name] = entry
 
-        renamed = self.sync_moves(frame, wanted, dst, keep)
+        # Replica entries the source no longer has (or has as another kind).
+        unwanted = [n for n, have in dst.items() if n not in keep
+                    and ((want := wanted.get(n)) is None or want.kind != have.kind)]
+        moves = self.move_candidates(frame, wanted, dst, keep, unwanted) if unwanted else []
+        # An empty SOURCE allowed to be empty may empty REPLICA: that is what it asks for.
+        emptied = frame.parent is None and self.options.allow_empty_source and not _real(src)
+        if unwanted and self.guarded and not emptied:
+            moving = {old for old, _ in moves}
+            doomed = [n for n in unwanted if n not in moving and not _is_temp(n, dst[n])]
+            refusal = doomed and self.mass_deletion(frame, src, dst, doomed)
+            if refusal:
+                self.close(frame)
+                self.refuse(rel, refusal)
+                return None
+        moved = self.sync_moves(frame, moves, wanted, dst)
 
-        for name in sorted(dst):
-            if name in keep:
-                continue
-            have, want = dst[name], wanted.get(name)
-            if want is None or want.kind != have.kind:
-                if self.stopping():
-                    return []
-                if self.remove(frame, name, have):
-                    del dst[name]
-                else:
-                    keep.add(name)
+        for name in sorted(unwanted):
+            if name not in dst:
+                continue  # moved to its new name
+            if self.stopping():
+                return []
+            if self.remove(frame, name, dst[name]):
+                del dst[name]
+            else:
+                keep.add(name)
 
         children, pending = [], []
-        checksum, window = self.options.checksum, self.options.modify_window_ns
+        checksum, window = self.options.checksum or frame.verify, self.options.modify_window_ns
+        fit = self.times.fit if self.times.step > 1 else None  # range limits: see sync_file
         for name in sorted(wanted):
             want, have = wanted[name], dst.get(name)
             if want.kind == FILE:
                 # The no-change path, inline: it runs for nearly every file of most passes.
                 if (have is not None and have.kind == FILE and not checksum
                         and want.st.st_size == have.st.st_size
-                        and abs(want.st.st_mtime_ns - have.st.st_mtime_ns) <= window
+                        and abs((fit(want.st.st_mtime_ns) if fit else want.st.st_mtime_ns)
+                                - have.st.st_mtime_ns) <= window
                         and want.st.st_mode == have.st.st_mode):
                     continue
                 if name in keep:
                     continue
                 if self.stopping():
                     break
-                self.sync_file(frame, name, want, have, pending)
+                self.sync_file(frame, name, want, have, pending, checksum)
                 continue
             if name in keep:
                 continue
@@ -1158,11 +1439,72 @@ class _Pass:
             if want.kind == LINK:
                 self.sync_link(frame, name, want, have)
             else:
-                child = self.sync_dir(frame, name, want, have, renamed.get(name, name))
+                child = self.sync_dir(frame, name, want, have, moved.get(name))
                 if child is not None:
                     children.append(child)
         self.settle(frame, pending)
         return children
+
+    def restrict(self, frame: _Frame) -> bool:
+        """A replica folder whose source became more private (0755 -> 0700)
+        gets the more restrictive of both modes before anything is written
+        into it or below it, so that nothing new is readable through it even
+        for a moment (or after a kill); finish() sets its final mode.  False
+        (reported) when that is impossible: the folder is then not entered."""
+        if frame.dd is None or self.options.dry_run or frame.dst_mode is None:
+            return True
+        opened = frame.dst_mode & ~stat.S_IMODE(frame.src_st.st_mode) & 0o077
+        if not opened:
+            return True
+        mode = frame.dst_mode & ~opened | stat.S_IRWXU
+        try:
+            os.chmod(frame.dd, mode)
+        except OSError as err:
+            self.fail(frame.rel, "restrict the permissions of the replica directory", err)
+            return False
+        frame.dst_mode, frame.writable = mode, True
+        return True
+
+    def mass_deletion(self, frame: _Frame, src: dict, dst: dict, doomed: list) -> Optional[str]:
+        """Why the deletions planned in this folder must not happen, if they
+        must not: they would remove more than MASS_DELETE_FLOOR entries and
+        either the source folder is empty (below the root: a drive that is not
+        mounted) or they are more than half of all REPLICA's entries (a wrong
+        REPLICA, an unmounted drive).  Counted by name, only as far as needed."""
+        floor = MASS_DELETE_FLOOR
+        if self.count_doomed(frame, dst, doomed, floor + 1) <= floor:
+            return None
+        count = self.count_doomed(frame, dst, doomed, 1 << 62)
+        allow = ("run once with --allow-mass-delete (or with --max-delete at least the number "
+                 "of deletions you expect)")
+        if frame.parent is not None and not _real(src):
+            return (f"the source folder is empty, but the replica folder holds {count:,} entries: "
+                    "a drive that is not mounted looks like this, so nothing in it was changed. "
+                    f"If the folder really was emptied, {allow}.")
+        if self.replica_total is None:
+            self.replica_total = _count_inside(self.roots.replica, 1 << 62)
+        if count * 2 <= self.replica_total:
+            return None
+        return (f"mirroring this folder would delete {count:,} of the {self.replica_total:,} entries "
+                "in REPLICA, more than half: a wrong REPLICA or a drive that is not mounted looks "
+                f"like this, so nothing in this folder was changed. If that is intended, {allow}.")
+
+    def count_doomed(self, frame: _Frame, dst: dict, doomed: list, cap: int) -> int:
+        count = 0
+        for name in doomed:
+            count += 1
+            if dst[name].kind == DIR:
+                try:
+                    d = _open_dir(frame.dd, name)
+                except OSError:
+                    continue
+                try:
+                    count += _count_inside(d, cap - count)
+                finally:
+                    _close_dir(d)
+            if count >= cap:
+                break
+        return count
 
     def excluded(self, rel: str, src: dict, dst: dict) -> set:
         """Names in this directory that --exclude leaves out of the mirror."""
@@ -1181,17 +1523,27 @@ class _Pass:
         try:
             if frame.dd is None or self.options.dry_run:
                 return
-            src_mode = stat.S_IMODE(frame.src_st.st_mode)
+            src = frame.src_st
             try:
-                if frame.dst_mode != src_mode:
-                    os.chmod(frame.dd, src_mode)
+                mode = _mirrored_mode(src, os.stat(frame.dd)) if src.st_mode & _SET_ID \
+                    else stat.S_IMODE(src.st_mode)
+                if frame.dst_mode != mode:
+                    os.chmod(frame.dd, mode)
                 if frame.changed or frame.dst_mtime is None or \
-                        abs(frame.dst_mtime - frame.src_st.st_mtime_ns) > self.options.modify_window_ns:
-                    os.utime(frame.dd, ns=(frame.src_st.st_atime_ns, frame.src_st.st_mtime_ns))
+                        abs(frame.dst_mtime - self.times.fit(src.st_mtime_ns)) > self.options.modify_window_ns:
+                    os.utime(frame.dd, ns=(src.st_atime_ns, src.st_mtime_ns))
+                    self.note_time(frame.rel, src.st_mtime_ns)
             except OSError as err:
                 self.fail(frame.rel, "set directory permissions and times", err)
         finally:
             self.close(frame)
+
+    def note_time(self, rel: str, mtime_ns: int) -> None:
+        """Report a modification time the replica's file system cannot store
+        (ext4 with 128-byte inodes stops in 2038): once, when it is set; the
+        entry is then compared with what the replica keeps, not copied again."""
+        if not self.times.keeps(mtime_ns):
+            self.emit("clamped", rel, f"{_utc(mtime_ns)} is kept as {_utc(self.times.fit(mtime_ns))}")
 
     # -- changes inside one replica directory
 
@@ -1211,30 +1563,39 @@ class _Pass:
         frame.writable = True
         return True
 
-    def sync_moves(self, frame, wanted: dict, dst: dict, keep: set) -> dict:
+    def move_candidates(self, frame, wanted: dict, dst: dict, keep: set, unwanted: list) -> list:
+        """Pairs (old, new) of replica entries the source seems to have
+        renamed within this directory (see _match_moves; sync_moves checks
+        them before moving)."""
+        if frame.dd is None:
+            return []
+        gone = {n: dst[n] for n in unwanted if n not in wanted and not _is_temp(n, dst[n])}
+        new = {n: e for n, e in wanted.items() if n not in dst and n not in keep}
+        return _match_moves(gone, new)
+
+    def sync_moves(self, frame, moves: list, wanted: dict, dst: dict) -> dict:
         """Rename replica entries that the source renamed within this directory,
         instead of copying them again and deleting the old names.
 
-        Updates dst to match; returns {new name: old name} for directories
-        "moved" in a dry run, which must still be read under their old name.
+        Updates dst to match; returns {new name: old name} of the directories
+        moved (a dry run must still read them under their old name, and every
+        run must compare the files inside them by their bytes).
         """
-        if frame.dd is None:
-            return {}
-        gone = {n: e for n, e in dst.items() if n not in wanted and n not in keep and not _is_temp(n, e)}
-        new = {n: e for n, e in wanted.items() if n not in dst and n not in keep}
-        renamed = {}
-        for old, name in _match_moves(gone, new):
+        moved = {}
+        for old, name in moves:
             rel = _join(frame.rel, name)
-            if new[name].kind == FILE:
+            if dst[old].kind == DIR and (dst[old].st.st_dev, dst[old].st.st_ino) in self.protected:
+                continue  # a root seen through a mount: remove() reports it and leaves it
+            if wanted[name].kind == FILE:
                 # Equal size and mtime across two names is no proof: compare the
                 # bytes (two reads still spare the write of a new copy).
                 try:
-                    if not _same_contents(frame.sd, frame.dd, name, old):
+                    if not _same_contents(frame.sd, frame.dd, name, old, self.abort):
                         continue
-                except OSError:
+                except (OSError, _Aborted):
                     continue  # not proven equal: copy it as a new file instead
             if not self.prepare(frame):
-                return renamed
+                return moved
             if not self.options.dry_run:
                 try:
                     old_path, fd = _at(frame.dd, old)
@@ -1242,17 +1603,19 @@ class _Pass:
                     os.rename(old_path, new_path, src_dir_fd=fd, dst_dir_fd=fd)
                 except OSError:
                     continue  # e.g. a mount point in between: copy and delete instead
-            elif new[name].kind == DIR:
-                renamed[name] = old
+            if wanted[name].kind == DIR:
+                moved[name] = old
             dst[name] = dst.pop(old)
             self.emit("move", rel, _join(frame.rel, old))
-        return renamed
+        return moved
 
-    def sync_file(self, frame, name, want: Entry, have: Optional[Entry], pending: list) -> None:
+    def sync_file(self, frame, name, want: Entry, have: Optional[Entry], pending: list,
+                  checksum: bool) -> None:
         """Bring one file up to date now, or queue the work on pending."""
         rel = _join(frame.rel, name)
-        same_signature = have is not None and _same_signature(want.st, have.st, self.options.modify_window_ns)
-        if same_signature and not self.options.checksum:
+        same_signature = have is not None and _same_signature(
+            want.st, have.st, self.options.modify_window_ns, self.times)
+        if same_signature and not checksum:
             self.sync_mode(frame, name, rel, want, have)
             return
         trash = bool(self.options.trash) and have is not None
@@ -1270,7 +1633,7 @@ class _Pass:
         # version in the trash before it copies.
         copy = not self.options.dry_run and not trash
         job = self.submit(want.st.st_size >= PARALLEL_MIN_SIZE, _file_job, frame.sd, frame.dd, name,
-                          same_signature, copy or not same_signature, self.stopping)
+                          same_signature, copy or not same_signature, self.stopping, self.abort)
         pending.append((name, rel, want, have, job))
 
     def settle(self, frame, pending: list) -> None:
@@ -1286,30 +1649,115 @@ class _Pass:
                 if self.options.dry_run:
                     self.emit("update", rel, str(want.st.st_size))
                     continue
-                outcome, *details = _file_job(frame.sd, frame.dd, name, False, True, self.stopping)
-            if outcome == "copied":
-                copied, stable = details
-                self.result.bytes_copied += copied
-                self.emit("copy" if have is None else "update", rel, str(copied))
-                if not stable:
-                    self.emit("changed", rel)
-            if outcome == "vanished":
-                self.emit("vanished", rel)
-            elif outcome == "not regular":
+                outcome, *details = _file_job(frame.sd, frame.dd, name, False, True,
+                                              self.stopping, self.abort)
+            self.report_copy(frame.rel, name, want.st.st_mtime_ns, have is None, outcome, details)
+
+    def report_copy(self, folder: str, name: str, mtime_ns: int, new: bool, outcome: str,
+                    details: list) -> None:
+        """Report what _file_job did to a file that needed copying."""
+        rel = _join(folder, name)
+        if outcome == "copied":
+            copied, stable = details
+            self.result.bytes_copied += copied
+            self.emit("copy" if new else "update", rel, str(copied))
+            if not stable:
+                self.emit("changed", rel)
+            self.note_time(rel, mtime_ns)
+        elif outcome == "vanished":
+            self.emit("vanished", rel)
+        elif outcome == "not regular":
+            if new:  # nothing there in the replica: as a later pass would leave it
                 self.emit("skip", rel, "no longer a regular file")
-            elif outcome == "failed":
-                self.fail(rel, *details)
-            # "stopped": the pass is ending; the next one does it
+            else:  # the replica still holds the old file: the next pass settles it
+                self.emit("changed", rel, "no longer a regular file")
+        elif outcome == "failed":
+            what, err = details
+            if (what == "copy file" and err.errno in _NO_SPACE and self.retry_later
+                    and len(self.retries) < RETRY_LIMIT):
+                # Perhaps full only while other copies ran: try once more
+                # at the end of the pass, when none does (retry_copies).
+                self.retries.append((folder, name, new, err))
+                return
+            self.fail(rel, what, err)
+        # "stopped": the pass is ending; the next one does it
+
+    def retry_copies(self) -> None:
+        """Copy once more, one at a time, the files that failed for lack of
+        space while other copies (threads, worker processes) were writing:
+        every file that fits on its own lands in this pass.  A file for which
+        the replica has too little room now is not tried again."""
+        self.retry_later = False
+        for folder, name, new, err in self.retries:
+            rel = _join(folder, name)
+            if self.stopping():
+                self.fail(rel, "copy file", err)
+                continue
+            try:
+                sd, dd = self.open_pair(folder)
+            except OSError:
+                self.fail(rel, "copy file", err)
+                continue
+            try:
+                path, fd = _at(sd, name)
+                st = os.stat(path, dir_fd=fd, follow_symlinks=False)
+                if not _has_room(dd, st):
+                    self.fail(rel, "copy file", err)
+                    continue
+                self.report_copy(folder, name, st.st_mtime_ns, new, *self.copy_into(sd, dd, name))
+            except OSError as again:
+                self.fail(rel, "copy file", again)
+            finally:
+                _close_dir(sd)
+                _close_dir(dd)
+        self.retries = []
+
+    def open_pair(self, folder: str) -> tuple:
+        """Open a directory pair below the roots by its relative path, one
+        component at a time, never following a link."""
+        handles = []
+        try:
+            for root in (self.roots.source, self.roots.replica):
+                d = _dup(root)
+                handles.append(d)
+                for part in folder.split("/") if folder else []:
+                    inner = _open_dir(d, part)
+                    _close_dir(handles.pop())
+                    d = inner
+                    handles.append(d)
+        except BaseException:
+            for d in handles:
+                _close_dir(d)
+            raise
+        return tuple(handles)
+
+    def copy_into(self, sd, dd, name) -> tuple:
+        """_file_job into a replica folder outside the walk: made writable for
+        the copy, then given back its mode and the source folder's mtime."""
+        st = os.stat(dd)
+        mode = stat.S_IMODE(st.st_mode)
+        writable = _make_writable(dd, mode)
+        try:
+            outcome, *details = _file_job(sd, dd, name, False, True, self.stopping, self.abort)
+        finally:
+            if writable != mode:
+                os.chmod(dd, mode)
+            src_dir = os.stat(sd)
+            os.utime(dd, ns=(src_dir.st_atime_ns, src_dir.st_mtime_ns))
+        return outcome, details
 
     def sync_mode(self, frame, name, rel, want: Entry, have: Entry) -> None:
         """Contents are current: set the permission bits if they differ."""
         mode = stat.S_IMODE(want.st.st_mode)
+        if mode & _SET_ID:
+            mode = _mirrored_mode(want.st, have.st)
         if stat.S_IMODE(have.st.st_mode) == mode:
             return
         if have.st.st_nlink > 1:
             # A second hard link could reach outside the replica: replace the file instead.
             if not self.options.dry_run and self.prepare(frame):
-                outcome, *details = _file_job(frame.sd, frame.dd, name, False, True, self.stopping)
+                outcome, *details = _file_job(frame.sd, frame.dd, name, False, True,
+                                              self.stopping, self.abort)
                 if outcome == "failed":
                     self.fail(rel, *details)
                     return
@@ -1347,8 +1795,10 @@ class _Pass:
                 return
         self.emit("link" if have is None else "relink", rel, want.target)
 
-    def sync_dir(self, frame, name, want: Entry, have: Optional[Entry], dst_name: str):
+    def sync_dir(self, frame, name, want: Entry, have: Optional[Entry], moved_from: Optional[str]):
         rel = _join(frame.rel, name)
+        if self.reached_again(rel, want) or have is not None and self.reached_again(rel, have):
+            return None
         if have is None:
             if not self.prepare(frame):
                 return None
@@ -1362,18 +1812,24 @@ class _Pass:
             self.emit("mkdir", rel)
         exists = frame.dd is not None and not (self.options.dry_run and have is None)
         child = _Frame(frame, name, rel, want.st, have.st if have else None, exists)
-        child.dst_name = dst_name
+        if moved_from is not None:
+            child.verify = True
+            if self.options.dry_run:
+                child.dst_name = moved_from
+        child.verify = child.verify or frame.verify
         return child
 
     def remove(self, frame, name, have: Entry) -> bool:
         """Remove one replica entry (a directory with all it holds)."""
         rel = _join(frame.rel, name)
+        if self.reached_again(rel, have):
+            return False
         if not self.prepare(frame):
             return False
         if self.options.trash and not _is_temp(name, have):
             if not self.may_delete(rel):
                 return False
-            if self.to_trash(frame, name, rel, keep=False):
+            if self.to_trash(frame, name, rel, keep=False, have=have):
                 self.deleted += 1
                 return True
             return False
@@ -1393,7 +1849,7 @@ class _Pass:
         self.emit_removed(name, rel, have)
         return True
 
-    def to_trash(self, frame, name, rel, keep: bool) -> bool:
+    def to_trash(self, frame, name, rel, keep: bool, have: Optional[Entry] = None) -> bool:
         """Move replica entry NAME (keep=False) or link it (keep=True, for a
         file about to be replaced) to TRASH/<pass stamp>/<rel>."""
         where = f"{self.trash_stamp}/{rel}"
@@ -1405,6 +1861,8 @@ class _Pass:
                     target, tfd = _at(folder, name)
                     if keep:
                         os.link(path, target, src_dir_fd=fd, dst_dir_fd=tfd, follow_symlinks=False)
+                    elif have is not None and have.kind == DIR and not have.st.st_mode & stat.S_IWUSR:
+                        _rename_read_only_dir(frame.dd, name, folder)
                     else:
                         os.rename(path, target, src_dir_fd=fd, dst_dir_fd=tfd)
                 finally:
@@ -1416,40 +1874,61 @@ class _Pass:
         return True
 
     def prune_trash(self) -> None:
-        """Remove the trash folders of passes older than --trash-keep days."""
+        """Remove the trash folders of passes older than --trash-keep days.
+
+        A folder is old when the time in its name, its own mtime and the
+        mtimes of the files in it all are: a pass made while the clock was
+        wrong (a machine without a real-time clock, before NTP) names its
+        folder in the past, but keeps files written later.  The newest pass
+        folder is never pruned."""
         limit = time.time() - self.options.trash_keep_days * 86400
+        d = self.roots.trash
         try:
-            d = _open_root(self.options.trash)
-        except OSError as err:
-            self.fail("", f"open TRASH {self.options.trash!r}", err)
-            return
-        try:
-            for name in sorted(_scan(d)[0]):
-                match = _TRASH_STAMP.match(name)
-                if not match or time.mktime(time.strptime(match[1], "%Y-%m-%d_%H%M%S")) >= limit:
-                    continue
-                if self.options.dry_run or self.remove_tree(d, name, name, accounting=False):
-                    self.emit("prune", name)
+            entries = _scan(d)[0]
         except OSError as err:
             self.fail("", f"list TRASH {self.options.trash!r}", err)
-        finally:
-            _close_dir(d)
+            return
+        stamps = {}
+        for name, entry in entries.items():
+            match = _TRASH_STAMP.match(name)
+            if match is None or entry.kind != DIR:
+                continue  # not a pass folder: never touched
+            try:
+                named = time.mktime(time.strptime(match[1], "%Y-%m-%d_%H%M%S"))
+            except (ValueError, OverflowError):
+                continue  # an impossible date (2026-02-30): not ours
+            stamps[name] = max(named, entry.st.st_mtime)
+        newest = max(stamps, key=lambda name: (stamps[name], name), default=None)
+        for name in sorted(stamps):
+            if name == newest or stamps[name] >= limit or self.stopping():
+                continue
+            try:
+                if _holds_newer(d, name, limit):
+                    continue
+            except OSError as err:
+                self.fail(name, "list trash folder", err)
+                continue
+            if self.options.dry_run or self.remove_tree(d, name, name, accounting=False):
+                self.emit("prune", name)
 
     def trash_folder(self, rel: str):
         """Open (creating) the folder of TRASH/<pass stamp> that rel goes into."""
-        d = _open_root(self.options.trash)
+        d = None
         try:
             for part in [self.trash_stamp, *rel.split("/")[:-1]]:
-                path, fd = _at(d, part)
+                parent = self.roots.trash if d is None else d
+                path, fd = _at(parent, part)
                 try:
                     os.mkdir(path, 0o700, dir_fd=fd)
                 except FileExistsError:
                     pass  # made by an earlier item (or another worker) of this pass
-                inner = _open_dir(d, part)
-                _close_dir(d)
+                inner = _open_dir(parent, part)
+                if d is not None:
+                    _close_dir(d)
                 d = inner
         except BaseException:
-            _close_dir(d)
+            if d is not None:
+                _close_dir(d)
             raise
         return d
 
@@ -1465,7 +1944,8 @@ class _Pass:
 
         Iterative and descriptor-based like shutil.rmtree's safe variant: every
         directory is opened with O_NOFOLLOW relative to its parent, so a link
-        swapped in cannot send the deletion elsewhere.
+        swapped in cannot send the deletion elsewhere, and a folder that is a
+        root seen again through a mount is never entered.
         """
         dry = self.options.dry_run
         # Each level: [parent handle, name, rel, handle, remaining entries, ok]
@@ -1500,7 +1980,7 @@ class _Pass:
                     child, entry = remaining.pop()
                     child_rel = _join(r, child)
                     if entry.kind == DIR:
-                        if not descend(d, child, child_rel):
+                        if self.reached_again(child_rel, entry) or not descend(d, child, child_rel):
                             level[5] = False
                         continue
                     if accounting and not _is_temp(child, entry) and not self.may_delete(child_rel):
@@ -1542,15 +2022,72 @@ class _Pass:
         return False
 
 
+def _rename_read_only_dir(dd, name, folder) -> None:
+    """Move a read-only directory NAME of dd into folder.  Moving a directory
+    to another parent rewrites its ".." entry, which needs write permission
+    on the directory itself even for its owner: it gets u+w for the move and
+    its own mode back afterwards (as Go's module cache and other 0555 trees
+    need)."""
+    handle = _open_dir(dd, name)
+    try:
+        mode = stat.S_IMODE(os.stat(handle).st_mode)
+        os.chmod(handle, mode | stat.S_IWUSR)
+        try:
+            path, fd = _at(dd, name)
+            target, tfd = _at(folder, name)
+            os.rename(path, target, src_dir_fd=fd, dst_dir_fd=tfd)
+        finally:
+            os.chmod(handle, mode)  # wherever it now is: the handle follows it
+    finally:
+        _close_dir(handle)
+
+
+def _has_room(dd, st: os.stat_result) -> bool:
+    """Whether the file system of directory dd has room for a file like st,
+    as far as statvfs tells (where it cannot tell: yes)."""
+    try:
+        room = os.statvfs(dd)
+    except (OSError, AttributeError):
+        return True
+    root = hasattr(os, "geteuid") and os.geteuid() == 0  # may use the reserved blocks
+    free = room.f_frsize * (room.f_bfree if root else room.f_bavail)
+    allocated = getattr(st, "st_blocks", 0) * 512 or st.st_size  # a sparse file needs less
+    return free >= min(st.st_size, allocated)
+
+
+def _holds_newer(d, name, limit: float) -> bool:
+    """Whether anything but a folder below d/NAME has an mtime from limit on."""
+    stack = [_open_dir(d, name)]
+    try:
+        while stack:
+            handle = stack.pop()
+            try:
+                entries = _scan(handle)[0]
+                for child, entry in entries.items():
+                    if entry.kind == DIR:
+                        stack.append(_open_dir(handle, child))
+                    elif entry.st is not None and entry.st.st_mtime >= limit:
+                        return True
+            finally:
+                _close_dir(handle)
+    finally:
+        for handle in stack:
+            _close_dir(handle)
+    return False
+
+
 def _is_temp(name: str, entry: Entry) -> bool:
     return entry.kind == FILE and bool(_TEMP_NAME.match(name))
 
 
+def _real(entries: dict) -> bool:
+    """Whether a listing holds anything but temporary files."""
+    return any(not _is_temp(name, entry) for name, entry in entries.items())
+
+
 def _looks_unmounted(src: dict, dst: dict) -> bool:
     """An empty SOURCE root beside a non-empty REPLICA root."""
-    def real(entries):
-        return any(not _is_temp(name, entry) for name, entry in entries.items())
-    return not real(src) and real(dst)
+    return not _real(src) and _real(dst)
 
 
 def _special_kind(mode: int) -> str:
@@ -1568,38 +2105,33 @@ def _special_kind(mode: int) -> str:
 def run_pass(source: str, replica: str, options: Options = None,
              report: Callable[[Event], None] = _ignore,
              should_stop: Callable[[], bool] = lambda: False,
-             progress: Optional[Callable[[int], None]] = None) -> PassResult:
+             progress: Optional[Callable[[int], None]] = None,
+             abort: Callable[[], bool] = lambda: False) -> PassResult:
     """Make REPLICA an exact mirror of SOURCE, once.
 
     Every action is passed to ``report`` as an Event the moment it is done.
     ``should_stop`` is polled between items; when it returns True the pass
     ends after the current item and the result says it was interrupted.
-    ``progress``, if given, is called now and then with the number of source
-    entries checked so far (see count_entries for the total).  Item failures
-    are counted in the result, never raised.
+    ``abort`` is polled during copies too: when it returns True the file
+    being copied is abandoned (its temporary file removed) and the pass ends
+    at once.  ``progress``, if given, is called now and then with the number
+    of source entries checked so far (see count_entries for the total).  Item
+    failures and refusals are counted in the result, never raised.  Passes
+    of one run should share a Mirror (run_periodically does): it remembers
+    what a REPLICA that went away looked like.
     """
-    started = time.monotonic()
-    options = options or Options()
-    source, replica = os.fspath(source), os.fspath(replica)
-    work = _Pass(options, report, should_stop, progress)
-    would_delete = _count_deletions(source, replica, options, should_stop)
-    if would_delete is not None and would_delete > options.max_delete:
-        work.error("", f"this pass would delete {would_delete} entries, more than "
-                       f"--max-delete {options.max_delete}; nothing was changed. If that many "
-                       "deletions are intended, run once with a higher --max-delete.")
-    else:
-        work.run(source, replica)
-    work.result.duration = time.monotonic() - started
-    return work.result
+    return Mirror(source, replica, options).run_pass(report, should_stop, progress, abort)
 
 
-def _count_deletions(source, replica, options: Options, should_stop) -> Optional[int]:
+def _count_deletions(roots: "_Roots", options: Options, should_stop, times: Times) -> Optional[int]:
     """With --max-delete, how many entries the pass would delete: counted by a
     dry run first, so that a pass over the limit changes nothing at all."""
     if options.max_delete is None or options.dry_run:
         return None
-    probe = _Pass(dataclasses.replace(options, dry_run=True, max_delete=None), _ignore, should_stop)
-    probe.run(source, replica)
+    probe = _Pass(dataclasses.replace(options, dry_run=True, max_delete=None, allow_mass_delete=True),
+                  _ignore, should_stop)
+    probe.times = times
+    probe.run(roots)
     return probe.deleted
 
 
@@ -1638,104 +2170,525 @@ def count_entries(source: str, excludes: Optional[Excludes] = None,
 def run_periodically(source: str, replica: str, interval: float, options: Options = None,
                      report: Callable[[Event], None] = _ignore,
                      on_pass: Callable[[PassResult], None] = lambda result: None,
-                     stop: threading.Event = None,
+                     stop=None,
                      clock: Callable[[], float] = time.monotonic,
-                     progress: Optional[Callable[[int], None]] = None) -> None:
+                     progress: Optional[Callable[[int], None]] = None,
+                     abort: Callable[[], bool] = lambda: False,
+                     mirror: Optional["Mirror"] = None) -> None:
     """Run passes every ``interval`` seconds, start to start, until ``stop`` is set.
 
-    The first pass starts at once.  A pass that takes longer than the interval
-    is followed at once by the next, and reported with an "overrun" event.
+    ``stop`` is anything with is_set() and wait(seconds), a threading.Event
+    for instance.  The first pass starts at once.  A pass that takes longer
+    than the interval is followed at once by the next, and reported with an
+    "overrun" event.  The passes share one Mirror (``mirror``, or a new one).
     """
     stop = stop or threading.Event()
+    mirror = mirror or Mirror(source, replica, options)
     while not stop.is_set():
         started = clock()
-        on_pass(run_pass(source, replica, options, report, stop.is_set, progress))
+        on_pass(mirror.run_pass(report, stop.is_set, progress, abort))
         if stop.is_set():
             return
         elapsed = clock() - started
         if elapsed >= interval:
             report(Event("overrun", "", f"{elapsed:.1f}"))
             continue
-        stop.wait(interval - elapsed)
+        left = interval - elapsed
+        while left > 0 and not stop.is_set():  # in steps: a wait has a largest timeout
+            stop.wait(min(left, MAX_WAIT))
+            left -= MAX_WAIT
 
 
-# ------------------------------------------------------------ preconditions --
+# -------------------------------------------- preconditions, at every pass --
+#
+# SOURCE, REPLICA and TRASH must stay apart whatever links and mounts join
+# them, and REPLICA must still be the folder the run has been writing to.
+# Paths cannot tell: a bind mount shows one folder under two unrelated
+# paths.  So folders are compared by identity (device, inode), up the ".."
+# chain of the very directories a pass then works in, and, on Linux, by
+# where they really live according to /proc/self/mountinfo.  Mirror opens
+# its roots through these checks at the start of every pass; the CLI runs
+# the same checks once before it starts.
 
 
-def _is_within(path: str, root: str) -> bool:
-    """True when path is root or lies inside it, after resolving links.
+def _identity(st: os.stat_result) -> tuple:
+    return (st.st_dev, st.st_ino)
 
-    Compares (device, inode) of path and each of its existing ancestors with
-    root, so case-insensitive file systems and bind mounts are caught too;
-    falls back to comparing normalised paths when root does not exist yet.
-    """
-    path = os.path.realpath(path)
-    try:
-        root_st = os.stat(root)
-    except OSError:
-        root_norm = os.path.normcase(os.path.realpath(root))
-        here = os.path.normcase(path)
-        return here == root_norm or here.startswith(root_norm.rstrip(os.sep) + os.sep)
+
+def _chain(handle, path: str) -> list:
+    """Identities of an open directory and of every folder above it, up to
+    the root: by ".." from the handle (what the kernel sees) and by the
+    resolved path's parents (what the user named)."""
+    ids = [_identity(os.stat(handle))]
+    if _DIR_FD:
+        fd = handle
+        try:
+            while True:
+                up = os.open("..", os.O_RDONLY | _O_DIRECTORY | _O_CLOEXEC, dir_fd=fd)
+                if fd != handle:
+                    os.close(fd)
+                fd = up
+                here = _identity(os.fstat(up))
+                if here == ids[-1]:  # the root is its own parent
+                    break
+                ids.append(here)
+        except OSError:
+            pass  # a folder above that may not be searched: the path's parents still count
+        finally:
+            if fd != handle:
+                os.close(fd)
+    here = os.path.realpath(path)
     while True:
         try:
-            if os.path.samestat(os.stat(path), root_st):
-                return True
+            ids.append(_identity(os.stat(here)))
         except OSError:
             pass
-        parent = os.path.dirname(path)
-        if parent == path:
-            return False
-        path = parent
+        up = os.path.dirname(here)
+        if up == here:
+            return ids
+        here = up
 
 
-def check_paths(source: str, replica: str, log_file: Optional[str]) -> None:
-    """Refuse, before anything changes, arguments that cannot work safely."""
-    if not os.path.exists(source):
-        raise UsageError(f"SOURCE {source!r} does not exist")
-    if not os.path.isdir(source):
-        raise UsageError(f"SOURCE {source!r} is not a directory")
-    if os.path.lexists(replica) and not os.path.isdir(replica):
-        raise UsageError(f"REPLICA {replica!r} exists and is not a directory")
-    if _is_within(replica, source):
-        what = "the same folder as" if _is_within(source, replica) else "inside"
-        raise UsageError(f"REPLICA {replica!r} is {what} SOURCE {source!r}; "
-                         "a mirror must be outside the tree it copies")
-    if _is_within(source, replica):
-        raise UsageError(f"SOURCE {source!r} is inside REPLICA {replica!r}; "
-                         "mirroring would delete it")
-    if log_file is None:
-        return
-    if _is_within(log_file, replica):
-        raise UsageError(f"LOG_FILE {log_file!r} is inside REPLICA {replica!r}, "
-                         "where the mirror would delete it; put it elsewhere")
-    if os.path.isdir(log_file):
-        raise UsageError(f"LOG_FILE {log_file!r} is a directory")
-    folder = os.path.dirname(os.path.abspath(log_file))
-    if not os.path.isdir(folder):
-        raise UsageError(f"LOG_FILE {log_file!r}: folder {folder!r} does not exist")
+class _Mount(NamedTuple):
+    """One line of /proc/self/mountinfo."""
+
+    device: str  # the file system, as "major:minor"
+    root: str  # the folder of that file system shown here ("/" for all of it)
+    point: str  # where it is shown
 
 
-def lock_replica(replica: str) -> Optional[int]:
-    """Take an exclusive lock on the REPLICA folder itself; it is held while
-    the returned descriptor stays open.
+def _read_mounts() -> Optional[list]:
+    """The mount table, in mount order; None where the system does not say."""
+    try:
+        with open(MOUNTINFO, "rb") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    mounts = []
+    for line in lines:
+        fields = line.split(b" ")
+        if len(fields) > 4:
+            mounts.append(_Mount(fields[2].decode("ascii", "replace"),
+                                 _unescape(fields[3]), _unescape(fields[4])))
+    return mounts
+
+
+def _unescape(field: bytes) -> str:
+    """A path from mountinfo or fstab, where space, tab, newline and
+    backslash are written as octal escapes (\\040)."""
+    return os.fsdecode(re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m[1], 8)]), field))
+
+
+def _under(path: str, folder: str) -> bool:
+    """path is folder or lies below it (both absolute and resolved)."""
+    return path == folder or path.startswith(folder.rstrip("/") + "/")
+
+
+def _place(mounts: list, path: str) -> Optional[tuple]:
+    """(file system, folder inside it) where a resolved path really lives."""
+    best = None
+    for mount in mounts:  # the longest mount point wins; of equal ones, the last mounted
+        if _under(path, mount.point) and (best is None or len(mount.point) >= len(best.point)):
+            best = mount
+    if best is None:
+        return None
+    inside = best.root.rstrip("/") + path[len(best.point.rstrip("/")):]
+    return best.device, inside or "/"
+
+
+def _reach(mounts: list, path: str) -> list:
+    """Every (file system, folder) a walk of path sees: where path lives, and
+    the folders mounted anywhere below it."""
+    visible = {mount.point: mount for mount in mounts}  # a later mount hides an earlier one
+    places = [(m.device, m.root) for point, m in visible.items() if point != path and _under(point, path)]
+    here = _place(mounts, path)
+    return places + [here] if here else places
+
+
+def _real_path(handle, path: str) -> str:
+    """The resolved path of an open directory, as the kernel knows it."""
+    if _DIR_FD and _O_PATH:  # Linux: the descriptor's own path, not the name looked up again
+        try:
+            real = os.readlink(f"/proc/self/fd/{handle}")
+            if real.startswith("/") and not real.endswith(" (deleted)"):
+                return real
+        except OSError:
+            pass
+    return os.path.realpath(path)
+
+
+class _Tree:
+    """A root folder of a pass (SOURCE, REPLICA, TRASH, LOG_FILE's folder),
+    open, with what the separation checks need to know of it.
+
+    A folder that does not exist yet (exists is False) is represented by its
+    nearest existing ancestor: nothing can be inside it yet, and it is inside
+    whatever that ancestor is in or is.  It can be created only where its
+    parent exists (orphan names the missing parent otherwise)."""
+
+    def __init__(self, what: str, path: str, mounts: Optional[list], may_be_missing: bool = True):
+        self.what, self.path, self.mounts = what, path, mounts
+        self.exists, self.orphan, self.handle = True, None, None
+        here = path
+        while self.handle is None:
+            try:
+                self.handle = _open_root(here)
+            except FileNotFoundError as err:
+                if not may_be_missing:
+                    raise Refused(f"cannot open {what} {path!r}: {_reason(err)}; "
+                                  "nothing was changed") from None
+                up = os.path.dirname(os.path.abspath(here))
+                if up == here:
+                    raise  # pragma: no cover - "/" is missing
+                if not self.exists and self.orphan is None:
+                    self.orphan = here  # the folder that would hold it is missing too
+                self.exists, here = False, up
+            except NotADirectoryError:
+                raise Refused(f"{what} {here!r} exists and is not a directory") from None
+            except OSError as err:
+                raise Refused(f"cannot open {what} {here!r}: {_reason(err)}") from None
+        try:
+            self.measure(mounts, here)
+        except BaseException:
+            self.close()
+            raise
+
+    def measure(self, mounts, path: str) -> None:
+        self.st = os.stat(self.handle)
+        self.chain = _chain(self.handle, path)
+        real = _real_path(self.handle, path)
+        self.place = _place(mounts, real) if mounts else None
+        self.reach = _reach(mounts, real) if mounts else []
+
+    def inside(self, outer: "_Tree") -> Optional[str]:
+        """How this folder is outer or lies inside it: "" (not at all),
+        "link" (by identity, links resolved) or "mount" (through a mount)."""
+        if not outer.exists:  # nothing is there yet, but its path may be one's parent
+            return "link" if _under(os.path.realpath(self.path), os.path.realpath(outer.path)) else ""
+        if _identity(outer.st) in self.chain:
+            return "link"
+        if self.place and any(device == self.place[0] and _under(self.place[1], folder)
+                              for device, folder in outer.reach):
+            return "mount"
+        return ""
+
+    def same(self, other: "_Tree") -> bool:
+        return self.exists and other.exists and os.path.samestat(self.st, other.st)
+
+    def create(self) -> None:
+        """Make the missing folder (one level: its parent exists) and open it."""
+        name = os.path.basename(os.path.abspath(self.path))
+        path, fd = _at(self.handle, name)
+        try:
+            os.mkdir(path, 0o700, dir_fd=fd)
+        except FileExistsError:
+            pass  # made meanwhile by someone else: it is checked like any other
+        parent = self.handle
+        try:
+            self.handle = _open_dir(parent, name)
+        finally:
+            _close_dir(parent)
+        self.exists = True
+        self.measure(self.mounts, self.path)
+
+    def close(self) -> None:
+        if self.handle is not None:
+            _close_dir(self.handle)
+            self.handle = None
+
+
+def _file_system(handle) -> tuple:
+    """(device, file system id) of an open directory: the device number may
+    change when a drive is mounted again, its file system id (from the
+    file system's UUID, on most) does not."""
+    st = os.stat(handle)
+    try:
+        fsid = os.fstatvfs(handle).f_fsid if _DIR_FD else os.statvfs(handle).f_fsid
+    except (OSError, AttributeError):
+        fsid = 0
+    return st.st_dev, fsid
+
+
+def _same_file_system(a: tuple, b: tuple) -> bool:
+    return a[0] == b[0] or bool(a[1]) and a[1] == b[1]
+
+
+def _unmounted_mount_points(mounts: Optional[list]) -> list:
+    """Mount points listed in /etc/fstab where nothing is mounted now."""
+    if mounts is None:
+        return []
+    try:
+        with open(FSTAB, "rb") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return []
+    mounted = {mount.point for mount in mounts}
+    points = []
+    for line in lines:
+        fields = line.split()
+        if len(fields) < 3 or fields[0].startswith(b"#") or fields[2] == b"swap":
+            continue
+        point = os.path.normpath(_unescape(fields[1]))
+        if point.startswith("/") and point != "/" and point not in mounted:
+            points.append(point)
+    return points
+
+
+def _separate(trees: dict, options: "Options") -> None:
+    """Refuse trees that overlap, however they are joined."""
+    source, replica, trash = trees["SOURCE"], trees["REPLICA"], trees.get("TRASH")
+
+    def via(how: str) -> str:
+        return " (through a mount)" if how == "mount" else ""
+
+    how = replica.inside(source)  # a REPLICA not made yet: its folder inside, or SOURCE itself
+    if how:
+        what = "the same folder as" if replica.same(source) else "inside"
+        raise Refused(f"REPLICA {replica.path!r} is {what} SOURCE {source.path!r}{via(how)}; "
+                      "a mirror must be outside the tree it copies")
+    how = source.inside(replica)
+    if how:
+        raise Refused(f"SOURCE {source.path!r} is inside REPLICA {replica.path!r}{via(how)}; "
+                      "mirroring would delete it")
+    if trash is not None:
+        for tree in (source, replica):
+            how = trash.inside(tree)
+            if how:
+                raise Refused(f"TRASH {trash.path!r} is inside {tree.what} {tree.path!r}{via(how)}; "
+                              "put it beside REPLICA")
+            how = tree.inside(trash)
+            if how:
+                raise Refused(f"{tree.what} {tree.path!r} is inside TRASH {trash.path!r}{via(how)}")
+        if replica.exists and trash.st.st_dev != replica.st.st_dev:
+            raise Refused(f"TRASH {trash.path!r} is not on the file system of REPLICA "
+                          f"{replica.path!r}; old versions are moved there, so it must be")
+    for what, folder_tree in trees.items():
+        if what in ("SOURCE", "REPLICA", "TRASH"):
+            continue
+        how = folder_tree.inside(replica)
+        if how:
+            path = options.protect[what]
+            raise Refused(f"{what} {path!r} is inside REPLICA {replica.path!r}{via(how)}, "
+                          "where the mirror would delete it; put it elsewhere")
+
+
+class _Roots:
+    """The folders one pass works in, opened once and found apart.
+
+    source, replica and trash are directory handles (replica is None in a
+    dry run into a REPLICA that does not exist yet, trash None without one);
+    protected holds the identities of these roots and of every folder above
+    them: no folder met inside the trees may be one of them, or the walk would
+    be working on a root (or above one) through a mount.
+    """
+
+    def __init__(self, trees: dict):
+        self.trees = trees
+        have = {what: tree for what, tree in trees.items() if tree.exists}
+        self.source = trees["SOURCE"].handle
+        self.replica = have["REPLICA"].handle if "REPLICA" in have else None
+        self.trash = have["TRASH"].handle if "TRASH" in have else None
+        self.protected = frozenset(itertools.chain.from_iterable(
+            trees[what].chain for what in ("SOURCE", "REPLICA", "TRASH") if what in have))
+
+    def close(self) -> None:
+        for tree in self.trees.values():
+            tree.close()
+
+
+def _open_trees(source: str, replica: str, options: "Options") -> dict:
+    """Open SOURCE, REPLICA (or its parent), TRASH (or its parent) and the
+    folders of the protected files, and check that they are apart.  Raises
+    Refused (everything closed again) when they are not."""
+    mounts = _read_mounts()
+    named = [("SOURCE", source), ("REPLICA", replica)]
+    if options.trash:
+        named.append(("TRASH", options.trash))
+    for what, path in named:
+        real = os.path.realpath(path)
+        for point in _unmounted_mount_points(mounts):
+            if _under(real, point):
+                raise Refused(f"{what} {path!r} is on {point}, which {FSTAB} lists as a mount point, "
+                              "but nothing is mounted there: the drive may be unmounted; "
+                              "nothing was changed")
+    trees = {}
+    try:
+        for what, path in named:
+            trees[what] = _Tree(what, path, mounts, may_be_missing=what != "SOURCE")
+        for what, path in options.protect.items():
+            try:
+                trees[what] = _Tree(what, os.path.dirname(os.path.abspath(path)), mounts,
+                                    may_be_missing=False)
+            except Refused:
+                continue  # its folder is gone: then it is not inside REPLICA either
+        _separate(trees, options)
+        for tree in trees.values():
+            if tree.orphan is not None:
+                raise Refused(f"{tree.what} {tree.path!r} cannot be created: its folder "
+                              f"{tree.orphan!r} does not exist (is the drive mounted?); "
+                              "nothing was changed")
+    except BaseException:
+        for tree in trees.values():
+            tree.close()
+        raise
+    return trees
+
+
+class Mirror:
+    """SOURCE mirrored to REPLICA over a run of passes.
+
+    Besides the options, a run remembers what a single pass cannot know:
+    the file system REPLICA lives on (a REPLICA that is missing, or on
+    another file system, on a later pass is a drive that went away: that pass
+    is refused and creates nothing), and how that file system stores
+    modification times (probed once, so that times are compared as stored).
+    """
+
+    def __init__(self, source, replica, options: Optional["Options"] = None):
+        self.source, self.replica = os.fspath(source), os.fspath(replica)
+        self.options = options or Options()
+        self.replica_fs = None  # (device, file system id) of REPLICA, once a pass has seen it
+        self.times = None  # how REPLICA's file system stores mtimes, once probed
+        self.lock = None  # descriptor holding the lock on REPLICA, once lock() took it
+
+    def check(self, create: bool = False, lock: bool = False) -> Optional[OSError]:
+        """Run every check a pass starts with; raises Refused with the reason
+        when a pass could not start.  create: then make a missing REPLICA
+        (and TRASH); lock: then take REPLICA's lock.  Returns the error of a
+        file system that cannot lock, if any."""
+        roots = self.open_roots(create)
+        try:
+            return self.take_lock(roots) if lock and roots.replica is not None else None
+        finally:
+            roots.close()
+
+    def open_roots(self, create: bool) -> _Roots:
+        """Open and check the roots of a pass.  create: make a missing
+        REPLICA (and TRASH), one level deep, unless the run has seen REPLICA
+        already (then its drive has gone)."""
+        trees = _open_trees(self.source, self.replica, self.options)
+        try:
+            replica = trees["REPLICA"]
+            if not replica.exists and self.replica_fs is not None:
+                raise Refused(f"REPLICA {self.replica!r} is missing: the drive it is on may be "
+                              "unmounted; nothing was created, and the next pass tries again")
+            if replica.exists:
+                fs = _file_system(replica.handle)
+                if self.replica_fs is not None and not _same_file_system(fs, self.replica_fs):
+                    raise Refused(f"REPLICA {self.replica!r} is now on another file system "
+                                  f"(device {_device_name(fs[0])}, was {_device_name(self.replica_fs[0])}): "
+                                  "the drive may be unmounted, or another one mounted there; nothing "
+                                  "was changed. Start sync.py again if the new place is intended.")
+            missing = [trees[what] for what in ("REPLICA", "TRASH")
+                       if create and what in trees and not trees[what].exists]
+            for tree in missing:
+                try:
+                    tree.create()
+                except OSError as err:
+                    raise Refused(f"cannot create {tree.what} {tree.path!r}: {_reason(err)}") from None
+            if missing:
+                _separate(trees, self.options)  # what was made just now, on its real device
+                if not replica.exists:
+                    raise Refused(f"REPLICA {self.replica!r} could not be made")  # pragma: no cover
+                fs = _file_system(replica.handle)
+            roots = _Roots(trees)
+        except BaseException:
+            for tree in trees.values():
+                tree.close()
+            raise
+        if replica.exists and create:
+            self.replica_fs = fs
+        return roots
+
+    def take_lock(self, roots: _Roots) -> Optional[OSError]:
+        """Hold the lock on the REPLICA this pass writes to (again, when the
+        drive came back as a new folder).  Raises Refused when another
+        process has it; returns the error of a file system that cannot lock."""
+        if self.lock is not None:
+            if os.path.samestat(os.fstat(self.lock), os.stat(roots.replica)):
+                return None
+            os.close(self.lock)
+            self.lock = None
+        try:
+            self.lock = lock_replica(self.replica, roots.replica)
+        except OSError as err:
+            return err
+        return None
+
+    def unlock(self) -> None:
+        if self.lock is not None:
+            os.close(self.lock)
+            self.lock = None
+
+    def run_pass(self, report: Callable[[Event], None] = _ignore,
+                 should_stop: Callable[[], bool] = lambda: False,
+                 progress: Optional[Callable[[int], None]] = None,
+                 abort: Callable[[], bool] = lambda: False) -> PassResult:
+        """One pass; see run_pass().  Once check() has taken REPLICA's lock,
+        every pass makes sure it holds the lock of the REPLICA it writes to."""
+        started = time.monotonic()
+        options = self.options
+        work = _Pass(options, report, lambda: should_stop() or abort(), progress, abort)
+        try:
+            roots = self.open_roots(create=not options.dry_run)
+            if self.lock is not None and roots.replica is not None:
+                try:
+                    self.take_lock(roots)
+                except BaseException:
+                    roots.close()
+                    raise
+        except Refused as err:
+            work.refuse("", str(err))
+        else:
+            try:
+                if self.times is None and roots.replica is not None and not options.dry_run:
+                    self.times = _probe_times(roots.replica)
+                work.times = self.times or Times()
+                would_delete = _count_deletions(roots, options, work.should_stop, work.times)
+                if would_delete is not None and would_delete > options.max_delete:
+                    work.refuse("", f"this pass would delete {would_delete} entries, more than "
+                                    f"--max-delete {options.max_delete}; nothing was changed. If that "
+                                    "many deletions are intended, run once with a higher --max-delete.")
+                else:
+                    work.run(roots)
+            finally:
+                roots.close()
+        work.result.duration = time.monotonic() - started
+        return work.result
+
+
+def _device_name(dev: int) -> str:
+    try:
+        return f"{os.major(dev)}:{os.minor(dev)}"
+    except (AttributeError, ValueError):  # pragma: no cover - Windows
+        return str(dev)
+
+
+def lock_replica(replica: str, handle=None) -> Optional[int]:
+    """Take an exclusive lock on the REPLICA folder itself (or on the open
+    directory handle, when given); it is held while the returned descriptor
+    stays open.
 
     No lock file is created, inside the mirror or anywhere else, so there is
     nothing stale to clean up by hand: the OS drops the lock when the process
-    ends, however it ends.  Raises UsageError when another process holds it,
+    ends, however it ends.  Raises Refused when another process holds it,
     OSError when the file system cannot lock, and returns None where the
     platform has no flock.
     """
     if fcntl is None:  # pragma: no cover - Windows
         return _lock_replica_windows(replica)
-    fd = os.open(replica, os.O_RDONLY | _O_DIRECTORY | _O_CLOEXEC)
+    if handle is not None and _DIR_FD:
+        fd = os.dup(handle)
+    else:
+        fd = os.open(replica, os.O_RDONLY | _O_DIRECTORY | _O_CLOEXEC)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         holder = _lock_holder(os.fstat(fd))
         os.close(fd)
         who = f"another sync.py (process {holder})" if holder else "another sync.py"
-        raise UsageError(f"REPLICA {replica!r} is locked by {who}; only one may write "
-                         "to a replica at a time: stop that one, or wait for it to finish") from None
+        raise Refused(f"REPLICA {replica!r} is locked by {who}; only one may write "
+                      "to a replica at a time: stop that one, or wait for it to finish") from None
     except OSError:
         os.close(fd)
         raise
@@ -1757,8 +2710,8 @@ def _lock_replica_windows(replica: str) -> Optional[int]:  # pragma: no cover - 
         msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
     except OSError:
         os.close(fd)
-        raise UsageError(f"REPLICA {replica!r} is locked by another sync.py; only one may write "
-                         "to a replica at a time: stop that one, or wait for it to finish") from None
+        raise Refused(f"REPLICA {replica!r} is locked by another sync.py; only one may write "
+                      "to a replica at a time: stop that one, or wait for it to finish") from None
     return fd
 
 
@@ -1776,22 +2729,25 @@ def _lock_holder(st: os.stat_result) -> Optional[int]:
     return None
 
 
-def check_trash(trash: str, source: str, replica: str) -> None:
-    """TRASH lies outside both trees, neither inside it, and on REPLICA's file
-    system (old versions are moved there, not copied).  Creates it."""
-    for name, path in (("SOURCE", source), ("REPLICA", replica)):
-        if _is_within(trash, path):
-            raise UsageError(f"TRASH {trash!r} is inside {name} {path!r}; put it beside REPLICA")
-        if _is_within(path, trash):
-            raise UsageError(f"{name} {path!r} is inside TRASH {trash!r}")
-    try:
-        os.makedirs(trash, exist_ok=True)
-        same_device = os.stat(trash).st_dev == os.stat(replica).st_dev
-    except OSError as err:
-        raise UsageError(f"cannot create TRASH {trash!r}: {_reason(err)}") from None
-    if not same_device:
-        raise UsageError(f"TRASH {trash!r} is not on the file system of REPLICA {replica!r}; "
-                         "old versions are moved there, so it must be")
+def check_arguments(source: str, replica: str, log_file: Optional[str]) -> None:
+    """Refuse, before anything changes, arguments that cannot work at all
+    (the checks that need the folders themselves are Mirror.check's)."""
+    for what, path in (("SOURCE", source), ("REPLICA", replica), ("LOG_FILE", log_file)):
+        if path is not None and not path.strip():
+            raise UsageError(f"{what} is empty: give a path")
+    if not os.path.exists(source):
+        raise UsageError(f"SOURCE {source!r} does not exist")
+    if not os.path.isdir(source):
+        raise UsageError(f"SOURCE {source!r} is not a directory")
+    if os.path.lexists(replica) and not os.path.isdir(replica):
+        raise UsageError(f"REPLICA {replica!r} exists and is not a directory")
+    if log_file is None:
+        return
+    if os.path.isdir(log_file):
+        raise UsageError(f"LOG_FILE {log_file!r} is a directory")
+    folder = os.path.dirname(os.path.abspath(log_file))
+    if not os.path.isdir(folder):
+        raise UsageError(f"LOG_FILE {log_file!r}: folder {folder!r} does not exist")
 
 
 def _parse_non_negative(text: str, convert, what: str):
@@ -1807,6 +2763,14 @@ def _parse_non_negative(text: str, convert, what: str):
 def parse_seconds(text: str) -> float:
     """A number of seconds, zero or more."""
     return _parse_non_negative(text, float, "a number of seconds")
+
+
+def parse_window(text: str) -> float:
+    """--modify-window: seconds, zero or more, at most a billion (as nanoseconds it must fit)."""
+    value = parse_seconds(text)
+    if value > 1e9:
+        raise argparse.ArgumentTypeError(f"expected at most 1e9 seconds, not {text!r}")
+    return value
 
 
 def parse_count(text: str) -> int:
@@ -2136,15 +3100,18 @@ class _ArgumentParser(argparse.ArgumentParser):
 def _build_parser() -> argparse.ArgumentParser:
     parser = _ArgumentParser(
         prog="sync.py",
+        allow_abbrev=False,  # --delete must not quietly mean --delete-excluded
         description="Keep REPLICA an exact one-way mirror of SOURCE, re-syncing every "
                     "INTERVAL seconds and logging every action to the console and LOG_FILE.",
         epilog="Exit status: 0 the replica is an exact mirror (or the loop was stopped "
-               "by Ctrl-C/SIGTERM); 1 an item could not be mirrored (with --once); "
-               "2 bad arguments or a failed precondition, nothing changed.",
+               "by Ctrl-C/SIGTERM/SIGHUP); 1 an item could not be mirrored, or a safety check "
+               "refused the pass (with --once); 2 bad arguments or a failed precondition, "
+               "nothing changed.",
     )
     parser.add_argument("source", metavar="SOURCE", help="folder to copy from (only read)")
     parser.add_argument("replica", metavar="REPLICA",
-                        help="folder to make identical to SOURCE (created if missing)")
+                        help="folder to make identical to SOURCE (created if missing; its parent "
+                             "folder must exist)")
     parser.add_argument("interval", metavar="INTERVAL", type=parse_interval,
                         help="seconds between the starts of two passes")
     parser.add_argument("log_file", metavar="LOG_FILE",
@@ -2167,7 +3134,7 @@ def _build_parser() -> argparse.ArgumentParser:
                              "DIR/<pass time>/<path> (DIR on REPLICA's file system)")
     parser.add_argument("--trash-keep", type=parse_seconds, metavar="DAYS",
                         help="with --trash, remove trash folders of passes older than DAYS")
-    parser.add_argument("--modify-window", type=parse_seconds, metavar="SECONDS", default=0.0,
+    parser.add_argument("--modify-window", type=parse_window, metavar="SECONDS", default=0.0,
                         help="count mtimes this close as equal (2 for FAT/exFAT, 1 for some SMB shares)")
     parser.add_argument("-i", "--itemize", action="store_true",
                         help="print a change code and path per change on stdout, for scripts")
@@ -2176,7 +3143,11 @@ def _build_parser() -> argparse.ArgumentParser:
                              "an unmounted drive looks empty)")
     parser.add_argument("--max-delete", type=parse_count, metavar="N",
                         help="refuse a pass that would delete more than N entries "
-                             "(it changes nothing and fails)")
+                             "(it changes nothing and fails); replaces the default guard below")
+    parser.add_argument("--allow-mass-delete", action="store_true",
+                        help="let a folder's deletions remove more than half of REPLICA, or empty a "
+                             "replica folder of more than 100 entries (refused by default: a wrong "
+                             "REPLICA or an unmounted drive looks like this)")
     parser.add_argument("--workers", type=parse_count, metavar="N", default=DEFAULT_WORKERS,
                         help="processes that mirror separate subtrees at once "
                              f"(default: the number of CPUs, at most 8; here {DEFAULT_WORKERS})")
@@ -2202,20 +3173,66 @@ def _raise_open_file_limit() -> None:
             pass  # keep the lower limit: a too-deep tree then fails per item, logged
 
 
-def _install_signal_handlers(stop: threading.Event, caught: list) -> None:
-    """Ctrl-C and SIGTERM ask the loop to stop after the current file; a second
-    one stops at once (the file being copied is left as a temporary file that
-    the next pass removes)."""
+class _StopSignals:
+    """Ctrl-C (SIGINT), SIGTERM and SIGHUP, as the loop sees them: the first
+    asks the pass, or the sleep, to end after the current item; a second one
+    to end at once (a file being copied is abandoned, its temporary file
+    removed).
 
-    def handler(signum, frame):
-        if stop.is_set():
-            raise KeyboardInterrupt
-        caught.append(signal.Signals(signum).name)
-        stop.set()
+    The handlers only note the signal.  They run between two bytecodes of
+    the main thread, which may be inside the lock a threading.Event takes,
+    so they must not take locks.  A sleep is woken through
+    signal.set_wakeup_fd, which the C-level handler writes to whatever
+    Python is doing.
+    """
 
-    signal.signal(signal.SIGINT, handler)
-    if hasattr(signal, "SIGTERM"):
-        signal.signal(signal.SIGTERM, handler)
+    NAMES = ("SIGINT", "SIGTERM", "SIGHUP")
+
+    def __init__(self):
+        self.caught = []  # names of the signals received, in order
+        self.reader = self.writer = None
+        self.previous_fd = None
+        if os.name == "posix":
+            self.reader, self.writer = os.pipe()
+            os.set_blocking(self.reader, False)
+            os.set_blocking(self.writer, False)
+            self.previous_fd = signal.set_wakeup_fd(self.writer, warn_on_full_buffer=False)
+        self.previous = {}
+        for name in self.NAMES:
+            signum = getattr(signal, name, None)
+            if signum is not None:
+                self.previous[signum] = signal.signal(signum, self.note)
+
+    def note(self, signum, frame) -> None:
+        self.caught.append(signal.Signals(signum).name)
+
+    def is_set(self) -> bool:
+        return bool(self.caught)
+
+    def aborted(self) -> bool:
+        return len(self.caught) > 1
+
+    def wait(self, seconds: float) -> None:
+        """Sleep up to seconds, or until a signal comes."""
+        if self.reader is None:  # pragma: no cover - Windows: no wakeup pipe, short naps
+            if not self.caught:
+                time.sleep(min(seconds, 0.25))
+            return
+        if not self.caught:
+            select.select([self.reader], [], [], seconds)
+        try:
+            while os.read(self.reader, 512):
+                pass
+        except OSError:
+            pass  # drained
+
+    def close(self) -> None:
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+        if self.reader is not None:
+            signal.set_wakeup_fd(self.previous_fd if self.previous_fd is not None else -1)
+            os.close(self.reader)
+            os.close(self.writer)
 
 
 def main(argv=None) -> int:
@@ -2223,7 +3240,10 @@ def main(argv=None) -> int:
     parser = _build_parser()
     try:
         args = parser.parse_args(argv)
-        check_paths(args.source, args.replica, args.log_file)
+        check_arguments(args.source, args.replica, args.log_file)
+        for flag, path in [("--trash", args.trash), *(("--exclude-from", p) for p in args.exclude_from)]:
+            if path is not None and not path.strip():
+                raise UsageError(f"{flag} is empty: give a path")
         patterns = list(args.exclude)
         for path in args.exclude_from:
             try:
@@ -2232,89 +3252,83 @@ def main(argv=None) -> int:
                 raise UsageError(f"cannot read --exclude-from {path!r}: {_reason(err)}") from None
         if args.trash_keep is not None and not args.trash:
             raise UsageError("--trash-keep needs --trash DIR")
+        options = Options(checksum=args.checksum, dry_run=args.dry_run,
+                          allow_empty_source=args.allow_empty_source, max_delete=args.max_delete,
+                          workers=max(1, args.workers), excludes=Excludes(patterns) or None,
+                          delete_excluded=args.delete_excluded, trash=args.trash,
+                          trash_keep_days=args.trash_keep,
+                          modify_window_ns=int(args.modify_window * 1_000_000_000),
+                          allow_mass_delete=args.allow_mass_delete,
+                          protect={"LOG_FILE": args.log_file})
+        mirror = Mirror(args.source, args.replica, options)
+        mirror.check()  # every check a pass starts with, before anything is made
         try:
             logger = _setup_logging(args.log_file, args.quiet, args.verbose)
         except OSError as err:
             raise UsageError(f"cannot open LOG_FILE {args.log_file!r}: {_reason(err)}") from None
-        lock = None
+        cannot_lock = None
         if not args.dry_run:  # a dry run changes nothing, so it may run beside a real one
-            try:
-                os.makedirs(args.replica, exist_ok=True)
-            except OSError as err:
-                raise UsageError(f"cannot create REPLICA {args.replica!r}: {_reason(err)}") from None
-            if args.trash:
-                check_trash(args.trash, args.source, args.replica)
-            try:
-                lock = lock_replica(args.replica)
-            except OSError as err:
-                logger.warning("cannot lock REPLICA (%s): make sure no other sync.py writes to it",
-                               _reason(err))
+            cannot_lock = mirror.check(create=True, lock=True)
     except UsageError as err:
         print(f"sync.py: error: {err}", file=sys.stderr)
         return EXIT_USAGE
-
-    options = Options(checksum=args.checksum, dry_run=args.dry_run,
-                      allow_empty_source=args.allow_empty_source, max_delete=args.max_delete,
-                      workers=max(1, args.workers), excludes=Excludes(patterns) or None,
-                      delete_excluded=args.delete_excluded, trash=args.trash,
-                      trash_keep_days=args.trash_keep,
-                      modify_window_ns=int(args.modify_window * 1_000_000_000))
+    if cannot_lock is not None:
+        logger.warning("cannot lock REPLICA (%s): make sure no other sync.py writes to it",
+                       _reason(cannot_lock))
     _raise_open_file_limit()
-    stop, caught = threading.Event(), []
-    _install_signal_handlers(stop, caught)
-
-    progress = None
-    if _Progress.wanted(sys.stderr, args.quiet):
-        progress = _Progress(sys.stderr, count=lambda stop: count_entries(args.source, options.excludes, stop))
-        for handler in logger.handlers:
-            if isinstance(handler, _Console):
-                handler.progress = progress
-
-    def report(event: Event) -> None:
-        logger.log(ACTIONS[event.action], format_event(event, args.dry_run))
-        if args.itemize and event.action in ITEMIZE:
-            print(itemize(event), flush=True)
-        if progress:
-            progress.event(event)
-
-    results = []
-
-    def on_pass(result: PassResult) -> None:
-        results.append(result)
-        if progress:
-            progress.finish()
-        level = logging.WARNING if result.errors else logging.INFO
-        logger.log(level, format_summary(result, args.dry_run), extra={"summary": True})
-
-    mode = "once" if args.once else f"every {args.interval:g} s"
-    logger.info("sync.py %s started: %s -> %s, %s, log %s; options: %s", __version__,
-                _show(args.source), _show(args.replica), mode, _show(args.log_file),
-                _describe_options(parser, args), extra={"summary": True})
+    signals = _StopSignals()
     try:
+        progress = None
+        if _Progress.wanted(sys.stderr, args.quiet):
+            progress = _Progress(sys.stderr, count=lambda stop: count_entries(args.source, options.excludes, stop))
+            for handler in logger.handlers:
+                if isinstance(handler, _Console):
+                    handler.progress = progress
+
+        def report(event: Event) -> None:
+            logger.log(ACTIONS[event.action], format_event(event, args.dry_run))
+            if args.itemize and event.action in ITEMIZE:
+                print(itemize(event), flush=True)
+            if progress:
+                progress.event(event)
+
+        results = []
+
+        def on_pass(result: PassResult) -> None:
+            results.append(result)
+            if progress:
+                progress.finish()
+            level = logging.WARNING if result.errors else logging.INFO
+            logger.log(level, format_summary(result, args.dry_run), extra={"summary": True})
+
+        mode = "once" if args.once else f"every {args.interval:g} s"
+        logger.info("sync.py %s started: %s -> %s, %s, log %s; options: %s", __version__,
+                    _show(args.source), _show(args.replica), mode, _show(args.log_file),
+                    _describe_options(parser, args), extra={"summary": True})
         checked = progress.progress if progress else None
-        if args.once:
-            on_pass(run_pass(args.source, args.replica, options, report, stop.is_set, checked))
-        else:
-            run_periodically(args.source, args.replica, args.interval, options, report,
-                             on_pass, stop, progress=checked)
-    except KeyboardInterrupt:
-        logger.warning("stopped at once by a second signal")
-        return EXIT_FAILED
-    except Exception:
-        logger.critical("internal error: this is a bug in sync.py; please report it with "
-                        "these lines", exc_info=True)
-        return EXIT_FAILED
+        try:
+            if args.once:
+                on_pass(mirror.run_pass(report, signals.is_set, checked, signals.aborted))
+            else:
+                run_periodically(args.source, args.replica, args.interval, options, report, on_pass,
+                                 signals, progress=checked, abort=signals.aborted, mirror=mirror)
+        except Exception:
+            logger.critical("internal error: this is a bug in sync.py; please report it with "
+                            "these lines", exc_info=True)
+            return EXIT_FAILED
     finally:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        if lock is not None:
-            os.close(lock)
-    if caught:
-        logger.info("stopped by %s", caught[0], extra={"summary": True})
+        signals.close()
+        mirror.unlock()
+    if signals.aborted():
+        logger.warning("stopped at once by a second signal (%s)", signals.caught[1],
+                       extra={"summary": True})
+        return EXIT_FAILED
+    if signals.caught:
+        logger.info("stopped by %s", signals.caught[0], extra={"summary": True})
     else:
         logger.info("finished", extra={"summary": True})
     if args.once:
-        last = results[-1]
-        return EXIT_OK if not (last.errors or last.interrupted) else EXIT_FAILED
+        return EXIT_OK if results[-1].exact else EXIT_FAILED
     return EXIT_OK
 
 

@@ -138,9 +138,18 @@ def test_missing_arguments_exit_2_with_one_line(cli):
     assert "the following arguments are required" in proc.stderr
 
 
-def test_replica_and_its_parents_are_created(src, tmp_path, log, cli):
+def test_replica_is_created_but_never_its_parents(src, tmp_path, log, cli):
+    # A missing parent is a drive that is not mounted (yet): sync.py creates
+    # at most REPLICA itself, as rsync does, never a tree on the disk below.
     make_tree(src, {"f": "x"})
     dst = tmp_path / "a" / "b" / "c"
+    before = snapshot(tmp_path)
+    proc = cli(src, dst, 1, log, "--once")
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1
+    assert f"REPLICA '{dst}' cannot be created: its folder '{dst.parent}' does not exist " \
+           "(is the drive mounted?); nothing was changed" in proc.stderr
+    assert snapshot(tmp_path) == before
+    dst.parent.mkdir(parents=True)
     assert cli(src, dst, 1, log, "--once").returncode == 0
     assert_mirror(src, dst)
 

@@ -34,7 +34,7 @@ class FakeTime:
         self.waits.append(round(seconds, 6))
         self.now += seconds
 
-    def run_pass(self, source, replica, options, report, should_stop, progress=None):
+    def run_pass(self, mirror, report, should_stop, progress=None, abort=None):
         self.starts.append(self.now)
         self.now += self.durations.pop(0)
         return sync.PassResult()
@@ -42,7 +42,7 @@ class FakeTime:
 
 def run_fake_loop(monkeypatch, interval, durations):
     fake = FakeTime(durations, passes=len(durations))
-    monkeypatch.setattr(sync, "run_pass", fake.run_pass)
+    monkeypatch.setattr(sync.Mirror, "run_pass", fake.run_pass)
     events = []
     sync.run_periodically("s", "r", interval, report=events.append, stop=fake, clock=fake.clock)
     return fake, events
@@ -66,7 +66,7 @@ def test_source_that_disappears_fails_the_pass_deletes_nothing_and_recovers(src,
     make_tree(src, {"f": "x", "d": {"g": "y"}})
     moved = src.with_name("unmounted")
     results = []
-    real_run_pass = sync.run_pass
+    real_run_pass = sync.Mirror.run_pass
 
     def pass_with_source_changes(*args):
         if len(results) == 1:
@@ -82,7 +82,7 @@ def test_source_that_disappears_fails_the_pass_deletes_nothing_and_recovers(src,
         def wait(self, seconds):
             pass
 
-    monkeypatch.setattr(sync, "run_pass", pass_with_source_changes)
+    monkeypatch.setattr(sync.Mirror, "run_pass", pass_with_source_changes)
     sync.run_periodically(str(src), str(dst), 60, on_pass=results.append, stop=Stop())
     assert [r.errors for r in results] == [0, 1, 0]
     assert results[2].counts == {}, "nothing was deleted, so nothing needed copying back"
@@ -166,8 +166,8 @@ def test_stop_during_a_copy_finishes_the_files_in_flight_then_stops(src, dst, th
     stop_requested = []
     real_copy_bytes = sync._copy_bytes
 
-    def copy_then_request_stop(fin, fout, size_hint):
-        n = real_copy_bytes(fin, fout, size_hint)
+    def copy_then_request_stop(fin, fout, size_hint, abort=None):
+        n = real_copy_bytes(fin, fout, size_hint, abort)
         stop_requested.append(True)
         return n
 

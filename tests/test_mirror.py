@@ -190,7 +190,7 @@ def test_failed_copy_leaves_old_version_and_no_temporary_file(src, dst, monkeypa
     sync_once(src, dst)
     (src / "f").write_text("new content")
 
-    def broken(fin, fout, size_hint):
+    def broken(fin, fout, size_hint, abort=None):
         os.write(fout, b"partial")
         raise OSError(errno.EIO, "Input/output error")
 
@@ -235,10 +235,10 @@ def test_source_file_vanishing_before_copy_is_info_not_error(src, dst, monkeypat
     make_tree(src, {"f": "x", "g": "y"})
     real_copy = sync._copy_file
 
-    def vanish_first(sd, dd, name):
+    def vanish_first(sd, dd, name, abort=None):
         if name == "f":
             os.unlink(src / "f")
-        return real_copy(sd, dd, name)
+        return real_copy(sd, dd, name, abort)
 
     monkeypatch.setattr(sync, "_copy_file", vanish_first)
     result, events = sync_once(src, dst)
@@ -250,8 +250,8 @@ def test_source_changing_during_copy_is_not_recorded_as_current(src, dst, monkey
     make_tree(src, {"f": "first"})
     real_copy_bytes = sync._copy_bytes
 
-    def write_during_copy(fin, fout, size_hint):
-        n = real_copy_bytes(fin, fout, size_hint)
+    def write_during_copy(fin, fout, size_hint, abort=None):
+        n = real_copy_bytes(fin, fout, size_hint, abort)
         with open(src / "f", "a") as f:
             f.write(" and more")
         return n
@@ -276,9 +276,14 @@ def test_missing_source_deletes_nothing(src, dst, tmp_path):
     assert snapshot(dst) == before
 
 
-def test_missing_replica_is_created(src, tmp_path):
+def test_missing_replica_is_created_but_never_its_parents(src, tmp_path):
     make_tree(src, {"f": "x"})
     dst = tmp_path / "not" / "yet" / "there"
+    result, events = sync_once(src, dst)
+    assert result.refused and not result.exact
+    assert [e.action for e in events] == ["error"] and "does not exist (is the drive mounted?)" in events[0].detail
+    assert not (tmp_path / "not").exists()
+    dst.parent.mkdir(parents=True)
     assert sync_once(src, dst)[0].exact
     assert_mirror(src, dst)
 
