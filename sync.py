@@ -1367,9 +1367,6 @@ class _Pass:
                             "REPLICA (an unmounted drive looks like this); nothing was changed. "
                             "Use --allow-empty-source if SOURCE is meant to be empty.")
             return None
-        if not self.restrict(frame):
-            self.close(frame)
-            return None
 
         keep = set()  # names whose replica entry must not be touched this pass
         for name, err in listing.unreadable:
@@ -1401,6 +1398,9 @@ class _Pass:
                 self.close(frame)
                 self.refuse(rel, refusal)
                 return None
+        if not self.restrict(frame):  # the first change to this folder: before any other
+            self.close(frame)
+            return None
         moved = self.sync_moves(frame, moves, wanted, dst)
 
         for name in sorted(unwanted):

@@ -93,3 +93,52 @@ def unprivileged(tmp_path):
         assert "CapEff:\t0000000000000000" in check.stdout, "could not drop capabilities"
     yield Unprivileged(base, user_cmd)
     subprocess.run(["chmod", "-R", "u+rwx", str(base)], check=False)  # undo chmod 000
+
+
+# --- real mounts ---------------------------------------------------------------
+#
+# Bind mounts, small tmpfs and loop-mounted images are how real machines join
+# and split trees; the tests use the real thing.  Mounting needs root, which
+# CI has (.ci/run runs as root).
+
+
+class Mounts:
+    """Mounts made by one test, all undone (lazily) after it."""
+
+    def __init__(self):
+        self.made = []
+
+    def _mount(self, target, *args):
+        subprocess.run(["mount", *map(str, args), str(target)], check=True, capture_output=True)
+        self.made.append(str(target))
+
+    def bind(self, source, target):
+        self._mount(target, "--bind", source)
+
+    def tmpfs(self, target, size="4m"):
+        self._mount(target, "-t", "tmpfs", "-o", f"size={size}", "tmpfs")
+
+    def image(self, target, image, size="16M", mkfs=("mkfs.ext4", "-q")):
+        """A file system image (made on first use) loop-mounted at target."""
+        if not os.path.exists(image):
+            subprocess.run(["truncate", "-s", size, str(image)], check=True)
+            subprocess.run([*mkfs, str(image)], check=True, capture_output=True)
+        self._mount(target, "-o", "loop", image)
+
+    def umount(self, target):
+        subprocess.run(["umount", str(target)], check=True, capture_output=True)
+        self.made.remove(str(target))
+
+    def undo(self):
+        for target in reversed(self.made):
+            subprocess.run(["umount", "-l", target], capture_output=True)
+        self.made.clear()
+
+
+@pytest.fixture
+def mounts():
+    if os.geteuid() != 0:
+        pytest.skip("mounting needs root (CI runs as root)")
+    made = Mounts()
+    yield made
+    made.undo()
