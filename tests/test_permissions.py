@@ -3,6 +3,9 @@ capabilities with setpriv): each is logged with its path and reason, skipped,
 and retried by the next pass."""
 
 import os
+import shutil
+import stat
+import subprocess
 
 from trees import Dir, File, assert_mirror, make_tree, snapshot
 
@@ -72,7 +75,6 @@ def test_read_only_directories_are_mirrored_and_updated_by_their_owner(unprivile
     # Removing a whole read-only tree works too.
     for d in (src / "ro", src / "ro" / "sub"):
         os.chmod(d, 0o755)
-    import shutil
     shutil.rmtree(src / "ro")
     assert unprivileged.run(src, dst, 1, log, "--once").returncode == 0
     assert_mirror(src, dst)
@@ -86,3 +88,37 @@ def test_log_file_that_cannot_be_written_exits_2(unprivileged):
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1
     assert "cannot open LOG_FILE" in proc.stderr and "Permission denied" in proc.stderr
     assert not dst.exists(), "nothing is created when a precondition fails"
+
+
+def test_a_file_that_was_mode_000_gets_its_mode_back(unprivileged):
+    # Changing the mode used to open the replica file for reading first,
+    # which mode 000 forbids: the mirror never converged.
+    src, dst, log = setup_trees(unprivileged, {"f": File("data", mode=0o644), "k": "k"})
+    assert unprivileged.run(src, dst, 1, log, "--once").returncode == 0
+    os.chmod(src / "f", 0o000)
+    assert unprivileged.run(src, dst, 1, log, "--once").returncode == 0
+    assert stat.S_IMODE(os.lstat(dst / "f").st_mode) == 0o000
+    os.chmod(src / "f", 0o644)
+    proc = unprivileged.run(src, dst, 1, log, "--once")
+    assert proc.returncode == 0, log.read_text()
+    assert_mirror(src, dst)
+    assert "set permissions of f to 0o644" in log.read_text()
+
+
+def test_a_deleted_read_only_folder_goes_to_the_trash(unprivileged):
+    # Go's module cache and other 0555 trees: moving a folder to another
+    # parent rewrites its "..", which needs write permission on it.
+    tree = {"gomod": Dir({"pkg": Dir({"a.go": File("package a", mode=0o444)}, mode=0o555),
+                          "b.go": File("package b", mode=0o444)}, mode=0o555), "k": "k"}
+    src, dst, log = setup_trees(unprivileged, tree)
+    trash = unprivileged.base / "trash"
+    assert unprivileged.run(src, dst, 1, log, "--once", "--trash", trash).returncode == 0
+    subprocess.run(["chmod", "-R", "u+w", str(src / "gomod")], check=True)
+    shutil.rmtree(src / "gomod")
+    proc = unprivileged.run(src, dst, 1, log, "--once", "--trash", trash)
+    assert proc.returncode == 0, log.read_text()
+    assert_mirror(src, dst)
+    [stamp] = os.listdir(trash)
+    kept = trash / stamp / "gomod"
+    assert stat.S_IMODE(os.lstat(kept).st_mode) == 0o555, "kept as it was"
+    assert (kept / "pkg" / "a.go").read_text() == "package a"
