@@ -2012,8 +2012,8 @@ class _Pass:
                 if ok and accounting:
                     self.deleted += 1
                     self.emit("rmdir", r)
-                elif stack:
-                    stack[-1][5] = False
+                if not ok and stack:
+                    stack[-1][5] = False  # a folder that stays keeps its parent
                 if not stack:
                     return ok
         finally:
