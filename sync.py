@@ -3092,9 +3092,24 @@ def _clock(seconds: float) -> str:
     return f"{hours}:{minutes:02d}:{seconds:02d}" if hours else f"{minutes}:{seconds:02d}"
 
 
+class _Exit(Exception):
+    """--help or --version has been answered: main() returns this status."""
+
+    def __init__(self, status: int):
+        super().__init__(status)
+        self.status = status
+
+
 class _ArgumentParser(argparse.ArgumentParser):
+    """Errors and early exits come back to main() instead of ending the process."""
+
     def error(self, message):
         raise UsageError(message)
+
+    def exit(self, status=0, message=None):
+        if message:
+            self._print_message(message, sys.stderr)
+        raise _Exit(status)
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -3272,6 +3287,8 @@ def main(argv=None) -> int:
     except UsageError as err:
         print(f"sync.py: error: {err}", file=sys.stderr)
         return EXIT_USAGE
+    except _Exit as done:
+        return done.status
     if cannot_lock is not None:
         logger.warning("cannot lock REPLICA (%s): make sure no other sync.py writes to it",
                        _reason(cannot_lock))

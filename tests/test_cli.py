@@ -168,3 +168,52 @@ def test_main_returns_status_instead_of_exiting(src, dst, log):
     make_tree(src, {"f": "x"})
     assert sync.main([str(src), str(dst), "1", str(log), "--once", "-q"]) == 0
     assert sync.main([str(src), str(src), "1", str(log), "--once"]) == 2
+
+
+@pytest.mark.parametrize("flag", ["--delete", "--allow", "--delete-exc", "--allow-empty", "--chec"])
+def test_abbreviations_are_not_options(src, dst, log, cli, flag):
+    # --delete (an rsync habit) used to mean --delete-excluded, --allow
+    # --allow-empty-source: a silent change of meaning.
+    make_tree(src, {"f": "x"})
+    proc = cli(src, dst, 1, log, "--once", flag)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1
+    assert f"unrecognized arguments: {flag}" in proc.stderr
+    assert not dst.exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["", "{dst}", "1", "{log}"], "SOURCE is empty: give a path"),
+    (["{src}", "", "1", "{log}"], "REPLICA is empty: give a path"),
+    (["{src}", "{dst}", "1", ""], "LOG_FILE is empty: give a path"),
+    (["{src}", "{dst}", "1", "{log}", "--trash", ""], "--trash is empty: give a path"),
+    (["{src}", "{dst}", "1", "{log}", "--exclude-from", " "], "--exclude-from is empty: give a path"),
+])
+def test_an_empty_path_is_refused(tmp_path, src, dst, log, cli, args, message):
+    # An unset shell variable: --trash "" used to turn versioning off silently.
+    make_tree(src, {"f": "x"})
+    before = snapshot(tmp_path)
+    proc = cli(*[a.format(src=src, dst=dst, log=log) for a in args], "--once")
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1
+    assert message in proc.stderr
+    assert snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize("option, value", [
+    ("--exclude", "[z-a]"), ("--exclude", "[!]"), ("--exclude", "[^]"), ("--exclude", "a[b-"),
+    ("--modify-window", "1e300"), ("--trash-keep", "1e300"), ("--max-delete", "99999999999999999999"),
+])
+def test_odd_values_give_no_traceback(src, dst, log, cli, tmp_path, option, value):
+    make_tree(src, {"f": "x", "[z-a]": "y"})
+    extra = ["--trash", str(tmp_path / "trash")] if option == "--trash-keep" else []
+    proc = cli(src, dst, 1, log, "--once", option, value, *extra)
+    assert proc.returncode in (0, 2) and "Traceback" not in proc.stderr, proc.stderr
+    if proc.returncode == 2:
+        assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("sync.py: error: ")
+    else:
+        assert "internal error" not in log.read_text()
+
+
+def test_help_and_version_return_from_main(capsys):
+    import sync
+    assert sync.main(["--version"]) == 0 and "sync.py" in capsys.readouterr().out
+    assert sync.main(["--help"]) == 0 and "--allow-mass-delete" in capsys.readouterr().out
