@@ -125,8 +125,10 @@ class Mounts:
             subprocess.run([*mkfs, str(image)], check=True, capture_output=True)
         self._mount(target, "-o", "loop", image)
 
-    def umount(self, target):
-        subprocess.run(["umount", str(target)], check=True, capture_output=True)
+    def umount(self, target, lazy=False):
+        """Unmount; lazy (umount -l) also when something still has it open, as
+        when a drive is pulled out."""
+        subprocess.run(["umount", *(["-l"] if lazy else []), str(target)], check=True, capture_output=True)
         self.made.remove(str(target))
 
     def undo(self):

@@ -176,6 +176,26 @@ def test_replica_on_a_drive_that_goes_away_is_refused_and_recovers(tmp_path, mou
     assert_mirror(src, replica)
 
 
+def test_the_lock_follows_a_replica_whose_drive_came_back(tmp_path, mounts):
+    # The lock held on the old REPLICA would not keep a second instance off
+    # the new one: every pass makes sure it holds the lock of its REPLICA.
+    src, drive, image = tmp_path / "src", tmp_path / "drive", tmp_path / "disk.img"
+    make_tree(src, {"f": "x"})
+    drive.mkdir()
+    mounts.image(drive, image)
+    mirror = sync.Mirror(src, drive / "data")
+    assert mirror.check(create=True, lock=True) is None
+    assert mirror.run_pass().exact
+    mounts.umount(drive, lazy=True)  # pulled out while the lock is held
+    assert mirror.run_pass().refused
+    mounts.image(drive, image)
+    assert mirror.run_pass().exact
+    with pytest.raises(sync.Refused, match="is locked by another sync.py"):
+        os.close(sync.lock_replica(str(drive / "data")))
+    mirror.unlock()
+    os.close(sync.lock_replica(str(drive / "data")))
+
+
 def test_replica_on_another_file_system_than_before_is_refused(tmp_path, mounts):
     src, drive, image = tmp_path / "src", tmp_path / "drive", tmp_path / "disk.img"
     make_tree(src, {"f": "x"})
