@@ -9,7 +9,9 @@ of SOURCE, and each path is the same kind of entry (regular file, directory,
 symbolic link):
 
 * files have the same bytes, permission bits and modification time
-  (nanoseconds where the file system keeps them);
+  (nanoseconds where the file system keeps them; times are compared as
+  REPLICA's file system stores them, probed once per run); setuid and setgid
+  only where the replica entry has the source's owner and group;
 * directories have the same permission bits (read-only ones included, applied
   after their contents are written) and modification time; empty directories
   are mirrored;
@@ -18,7 +20,8 @@ symbolic link):
 * everything else under REPLICA is removed, except paths left out with
   ``excludes`` (unless ``delete_excluded``).
 
-SOURCE is only ever read.  A replica file is current when its size and mtime
+SOURCE is only ever read.  A pass that saw a file change or vanish while
+copying it is not exact either (PassResult.exact).  A replica file is current when its size and mtime
 *equal* the source's (never "newer than"); ``checksum=True`` also compares the
 bytes.  Files are written to a uniquely named temporary file in the target
 directory and moved over the final name with ``os.replace``, so a process
@@ -36,14 +39,28 @@ redirect a read, a write or a deletion, and path length is not limited by
 PATH_MAX.  The walk keeps an explicit stack, so depth is not limited by
 Python's recursion limit.
 
+SOURCE, REPLICA and TRASH stay apart: every pass opens them once and refuses
+them (changing nothing) when one is, contains or lies inside another,
+compared by identity and, on Linux, through the mount table, so bind mounts
+and re-pointed links are caught; the walk never enters, moves or deletes a
+folder that is one of them (or above one) seen through a mount.  A Mirror
+remembers REPLICA's file system across the passes of a run: a REPLICA that
+went missing or moved to another file system is refused, never created
+again on the disk underneath, and only REPLICA itself is ever created.
+
 Refusals that protect the replica: an empty SOURCE root beside a non-empty
 REPLICA (an unmounted drive) changes nothing unless ``allow_empty_source``;
-a pass that would delete more than ``max_delete`` entries changes nothing.
-With ``trash``, what a pass deletes or overwrites is moved (or hard-linked)
+a folder whose deletions would remove more than 100 entries and either more
+than half of REPLICA or all of a folder whose source is empty changes
+nothing unless ``allow_mass_delete`` (or an explicit ``max_delete``); a pass
+that would delete more than ``max_delete`` entries changes nothing.  A
+folder whose source became more private is restricted before anything is
+written into it.  With ``trash``, what a pass deletes or overwrites is moved (or hard-linked)
 to TRASH/<pass time>/<path> instead of destroyed.  Entries the source renamed
-within a folder are renamed in the replica rather than copied again.  Worker
+within a folder are renamed in the replica rather than copied again (the
+files in a renamed folder are then compared by their bytes).  Worker
 processes walk separate subtrees at once; the events still come in the order
-one process would give.
+one process would give.  ``abort`` stops a pass within one chunk of a copy.
 
 The core (everything above the CLI section) never prints and never exits: it
 reports what it does through a callback, returns results and raises.  Only

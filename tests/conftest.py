@@ -144,3 +144,12 @@ def mounts():
     made = Mounts()
     yield made
     made.undo()
+
+
+@pytest.fixture
+def small_disk(tmp_path, mounts):
+    """A 2 MiB tmpfs: a disk that fills up."""
+    disk = tmp_path / "small"
+    disk.mkdir()
+    mounts.tmpfs(disk, "2m")
+    return disk

@@ -17,7 +17,7 @@ import sync
 from conftest import SYNC_PY, sync_once
 from test_loop import wait_for
 from test_safety import KILL_TRIALS, process_group_alive
-from trees import Dir, File, assert_mirror, make_tree, snapshot
+from trees import Dir, File, assert_mirror, make_tree
 
 
 def mode(path):

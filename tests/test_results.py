@@ -6,16 +6,12 @@ really aged; a replica that cannot store a time is not copied to forever."""
 import calendar
 import errno
 import os
-import re
 import shutil
 import threading
 import time
 
-import pytest
-
 import sync
 from conftest import paths, run_cli, sync_once
-from test_safety import small_disk  # noqa: F401 - a fixture
 from trees import BASE_MTIME_NS, Dir, File, assert_mirror, leftover_temp_files, make_tree
 
 
@@ -92,7 +88,7 @@ def test_a_real_rename_still_copies_nothing(src, dst):
 # --- 10. a full disk while several copies run ----------------------------------------
 
 
-def test_a_full_disk_fails_only_what_does_not_fit_on_its_own(src, small_disk, monkeypatch):  # noqa: F811
+def test_a_full_disk_fails_only_what_does_not_fit_on_its_own(src, small_disk, monkeypatch):
     # A 3 MiB file cannot fit in the 2 MiB replica; while its copy fills the
     # disk, the small files copied beside it fail too, although each fits.
     dst = small_disk / "replica"

@@ -102,19 +102,6 @@ def test_kill_at_random_moments_never_leaves_a_partial_file(tmp_path):
 # --- 2. disk full -----------------------------------------------------------------
 
 
-@pytest.fixture
-def small_disk(tmp_path):
-    """A 2 MiB tmpfs; mounting needs root, which CI has."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a small tmpfs needs root (test_failed_copy_leaves_old_version "
-                    "covers the same path with an injected error)")
-    mount = tmp_path / "small"
-    mount.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)], check=True)
-    yield mount
-    subprocess.run(["umount", "-l", str(mount)], check=True)
-
-
 def test_disk_full_keeps_old_versions_and_leaves_no_temporary_files(src, small_disk, tmp_path):
     dst, log = small_disk / "replica", tmp_path / "sync.log"
     make_tree(src, {"a-big.bin": os.urandom(1024 * 1024), "keep.txt": "k" * 100_000})
