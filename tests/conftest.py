@@ -19,6 +19,21 @@ def sync_once(src, dst, **options):
     return result, events
 
 
+def append_during_copies(monkeypatch, path, text):
+    """Make every copy sync.py does append text to path while it copies (a
+    file written to while it is mirrored)."""
+    import sync
+    real_copy_bytes = sync._copy_bytes
+
+    def copy_while_written(fin, fout, size_hint, abort=None):
+        copied = real_copy_bytes(fin, fout, size_hint, abort)
+        with open(path, "a") as f:
+            f.write(text)
+        return copied
+
+    monkeypatch.setattr(sync, "_copy_bytes", copy_while_written)
+
+
 def paths(events, action):
     """The sorted paths of the events of one action."""
     return sorted(e.path for e in events if e.action == action)

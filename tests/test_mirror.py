@@ -11,7 +11,7 @@ import sys
 import pytest
 
 import sync
-from conftest import paths, sync_once
+from conftest import append_during_copies, paths, sync_once
 from trees import BASE_MTIME_NS, Dir, Fifo, File, Link, assert_mirror, leftover_temp_files, make_tree, snapshot
 
 RICH_TREE = {
@@ -248,15 +248,7 @@ def test_source_file_vanishing_before_copy_is_info_not_error(src, dst, monkeypat
 
 def test_source_changing_during_copy_is_not_recorded_as_current(src, dst, monkeypatch):
     make_tree(src, {"f": "first"})
-    real_copy_bytes = sync._copy_bytes
-
-    def write_during_copy(fin, fout, size_hint, abort=None):
-        n = real_copy_bytes(fin, fout, size_hint, abort)
-        with open(src / "f", "a") as f:
-            f.write(" and more")
-        return n
-
-    monkeypatch.setattr(sync, "_copy_bytes", write_during_copy)
+    append_during_copies(monkeypatch, src / "f", " and more")
     result, events = sync_once(src, dst)
     assert paths(events, "changed") == ["f"] and not result.exact
     assert os.lstat(dst / "f").st_mtime_ns != os.lstat(src / "f").st_mtime_ns

@@ -4,19 +4,14 @@ or a new file readable by others through a folder the source made private
 
 import os
 import random
-import shutil
-import signal
 import stat
-import subprocess
 import sys
-import time
 
 import pytest
 
 import sync
 from conftest import SYNC_PY, sync_once
-from test_loop import wait_for
-from test_safety import KILL_TRIALS, process_group_alive
+from test_safety import KILL_TRIALS, random_kills
 from trees import Dir, File, assert_mirror, make_tree
 
 
@@ -124,19 +119,5 @@ def test_killed_at_any_moment_no_new_private_file_is_readable_by_others(tmp_path
     assert sync.run_pass(src, pristine).exact
     privatise(src, 300)
     command = [sys.executable, SYNC_PY, str(src), str(replica), "1", str(tmp_path / "log"), "--once", "-q"]
-    shutil.copytree(pristine, replica, symlinks=True)
-    started = time.monotonic()
-    subprocess.run(command, check=True, capture_output=True)
-    full_run = time.monotonic() - started
-    assert exposed(replica) == [] and mode(replica / "private") == 0o700
-    trials = max(10, KILL_TRIALS // 2)
-    for trial in range(trials):
-        shutil.rmtree(replica)
-        shutil.copytree(pristine, replica, symlinks=True)
-        proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                start_new_session=True)
-        time.sleep(rng.uniform(0, full_run))  # a random moment, not a wait for something
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-        wait_for(lambda pgid=proc.pid: not process_group_alive(pgid), "the worker processes to be gone")
+    for trial, _ in random_kills(command, pristine, replica, max(10, KILL_TRIALS // 2), rng):
         assert exposed(replica) == [], f"trial {trial}: new private files readable by others"

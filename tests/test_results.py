@@ -11,7 +11,7 @@ import threading
 import time
 
 import sync
-from conftest import paths, run_cli, sync_once
+from conftest import append_during_copies, paths, run_cli, sync_once
 from trees import BASE_MTIME_NS, Dir, File, assert_mirror, leftover_temp_files, make_tree
 
 
@@ -20,15 +20,7 @@ from trees import BASE_MTIME_NS, Dir, File, assert_mirror, leftover_temp_files, 
 
 def test_once_exits_1_when_a_file_changed_while_it_was_copied(src, dst, log, monkeypatch):
     make_tree(src, {"growing.log": "first line\n"})
-    real_copy_bytes = sync._copy_bytes
-
-    def copy_while_written(fin, fout, size_hint, abort=None):
-        copied = real_copy_bytes(fin, fout, size_hint, abort)
-        with open(src / "growing.log", "a") as f:
-            f.write("written during the copy\n")
-        return copied
-
-    monkeypatch.setattr(sync, "_copy_bytes", copy_while_written)
+    append_during_copies(monkeypatch, src / "growing.log", "written during the copy\n")
     assert sync.main([str(src), str(dst), "1", str(log), "--once", "--workers", "1", "-q"]) == 1
     assert "growing.log changed while it was being copied" in log.read_text()
     assert "replica is NOT yet an exact mirror" in log.read_text()

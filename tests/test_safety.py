@@ -59,6 +59,30 @@ def process_group_alive(pgid):
     return True
 
 
+def random_kills(command, pristine, replica, trials, rng):
+    """Run command (a sync.py --once into replica) trials times, each from a
+    fresh copy of pristine, and SIGKILL its whole process group (sync.py and
+    its workers) at a random moment of an uninterrupted run's length.  Yields
+    (trial, killed mid-run) after each kill, once every process is gone."""
+    def reset():
+        shutil.rmtree(replica, ignore_errors=True)
+        shutil.copytree(pristine, replica, symlinks=True)
+
+    reset()  # how long an uninterrupted run takes, to spread the kills over it
+    started = time.monotonic()
+    subprocess.run(command, check=True, capture_output=True)
+    full_run = time.monotonic() - started
+    for trial in range(trials):
+        reset()
+        proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                start_new_session=True)
+        time.sleep(rng.uniform(0, full_run))  # a random moment, not a wait for something
+        os.killpg(proc.pid, signal.SIGKILL)
+        killed = proc.wait() == -signal.SIGKILL
+        wait_for(lambda pgid=proc.pid: not process_group_alive(pgid), "the worker processes to be gone")
+        yield trial, killed
+
+
 def test_kill_at_random_moments_never_leaves_a_partial_file(tmp_path):
     rng = random.Random(20261125)
     old, new = versioned_trees(tmp_path, rng)
@@ -66,24 +90,9 @@ def test_kill_at_random_moments_never_leaves_a_partial_file(tmp_path):
     assert sync.run_pass(tmp_path / "old", pristine).exact
     replica, log = tmp_path / "replica", tmp_path / "sync.log"
     command = [sys.executable, SYNC_PY, str(tmp_path / "new"), str(replica), "1", str(log), "--once", "-q"]
-
-    # How long an uninterrupted run takes, to spread the kills over it.
-    shutil.copytree(pristine, replica, symlinks=True)
-    started = time.monotonic()
-    subprocess.run(command, check=True, capture_output=True)
-    full_run = time.monotonic() - started
-
     killed = 0
-    for trial in range(KILL_TRIALS):
-        shutil.rmtree(replica)
-        shutil.copytree(pristine, replica, symlinks=True)
-        proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                start_new_session=True)
-        time.sleep(rng.uniform(0, full_run))  # a random moment, not a wait for something
-        os.killpg(proc.pid, signal.SIGKILL)  # sync.py and its worker processes
-        killed += proc.wait() == -signal.SIGKILL
-        wait_for(lambda pgid=proc.pid: not process_group_alive(pgid), "the worker processes to be gone")
-
+    for trial, landed in random_kills(command, pristine, replica, KILL_TRIALS, rng):
+        killed += landed
         for dirpath, _, filenames in os.walk(replica):
             for name in filenames:
                 rel = os.path.relpath(os.path.join(dirpath, name), replica)

@@ -154,13 +154,18 @@ def test_log_file_and_trash_are_checked_at_every_pass(tmp_path):
 # --- 3. a REPLICA whose drive goes away --------------------------------------------
 
 
-def test_replica_on_a_drive_that_goes_away_is_refused_and_recovers(tmp_path, mounts):
+def mirror_onto_a_drive(tmp_path, mounts):
+    """SOURCE, a loop-mounted ext4 drive, and a Mirror onto drive/data."""
     src, drive, image = tmp_path / "src", tmp_path / "drive", tmp_path / "disk.img"
     make_tree(src, {"f": "x", "d": {"g": "y"}})
     drive.mkdir()
     mounts.image(drive, image)
+    return src, drive, image, sync.Mirror(src, drive / "data")
+
+
+def test_replica_on_a_drive_that_goes_away_is_refused_and_recovers(tmp_path, mounts):
+    src, drive, image, mirror = mirror_onto_a_drive(tmp_path, mounts)
     replica = drive / "data"
-    mirror = sync.Mirror(src, replica)
     assert mirror.run_pass().exact
     mounts.umount(drive)  # unplugged while the loop runs
     events = []
@@ -179,11 +184,7 @@ def test_replica_on_a_drive_that_goes_away_is_refused_and_recovers(tmp_path, mou
 def test_the_lock_follows_a_replica_whose_drive_came_back(tmp_path, mounts):
     # The lock held on the old REPLICA would not keep a second instance off
     # the new one: every pass makes sure it holds the lock of its REPLICA.
-    src, drive, image = tmp_path / "src", tmp_path / "drive", tmp_path / "disk.img"
-    make_tree(src, {"f": "x"})
-    drive.mkdir()
-    mounts.image(drive, image)
-    mirror = sync.Mirror(src, drive / "data")
+    src, drive, image, mirror = mirror_onto_a_drive(tmp_path, mounts)
     assert mirror.check(create=True, lock=True) is None
     assert mirror.run_pass().exact
     mounts.umount(drive, lazy=True)  # pulled out while the lock is held
@@ -197,11 +198,7 @@ def test_the_lock_follows_a_replica_whose_drive_came_back(tmp_path, mounts):
 
 
 def test_replica_on_another_file_system_than_before_is_refused(tmp_path, mounts):
-    src, drive, image = tmp_path / "src", tmp_path / "drive", tmp_path / "disk.img"
-    make_tree(src, {"f": "x"})
-    drive.mkdir()
-    mounts.image(drive, image)
-    mirror = sync.Mirror(src, drive / "data")
+    src, drive, image, mirror = mirror_onto_a_drive(tmp_path, mounts)
     assert mirror.run_pass().exact
     mounts.umount(drive)
     (drive / "data").mkdir()  # someone made the folder on the disk underneath
