@@ -2570,7 +2570,7 @@ class Mirror:
         self.options = options or Options()
         self.replica_fs = None  # (device, file system id) of REPLICA, once a pass has seen it
         self.times = None  # how REPLICA's file system stores mtimes, once probed
-        self.lock = None  # descriptor holding the lock on REPLICA, once lock() took it
+        self.lock = None  # descriptor holding the lock on REPLICA, once check(lock=True) took it
 
     def check(self, create: bool = False, lock: bool = False) -> Optional[OSError]:
         """Run every check a pass starts with; raises Refused with the reason
@@ -2609,15 +2609,13 @@ class Mirror:
                     raise Refused(f"cannot create {tree.what} {tree.path!r}: {_reason(err)}") from None
             if missing:
                 _separate(trees, self.options)  # what was made just now, on its real device
-                if not replica.exists:
-                    raise Refused(f"REPLICA {self.replica!r} could not be made")  # pragma: no cover
                 fs = _file_system(replica.handle)
             roots = _Roots(trees)
         except BaseException:
             for tree in trees.values():
                 tree.close()
             raise
-        if replica.exists and create:
+        if replica.exists:  # also in a dry run: a loop of dry runs must not plan into a lost drive
             self.replica_fs = fs
         return roots
 

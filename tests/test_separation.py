@@ -181,6 +181,17 @@ def test_replica_on_a_drive_that_goes_away_is_refused_and_recovers(tmp_path, mou
     assert_mirror(src, replica)
 
 
+def test_dry_runs_in_a_loop_do_not_plan_into_a_lost_drive(tmp_path, mounts):
+    src, drive, image, mirror = mirror_onto_a_drive(tmp_path, mounts)
+    assert mirror.run_pass().exact
+    looking = sync.Mirror(src, drive / "data", sync.Options(dry_run=True))
+    assert looking.run_pass().exact
+    mounts.umount(drive)
+    events = []
+    assert looking.run_pass(events.append).refused
+    assert [e.action for e in events] == ["error"], "no 'would copy' of everything"
+
+
 def test_the_lock_follows_a_replica_whose_drive_came_back(tmp_path, mounts):
     # The lock held on the old REPLICA would not keep a second instance off
     # the new one: every pass makes sure it holds the lock of its REPLICA.
