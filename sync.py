@@ -181,6 +181,88 @@ class Entry(NamedTuple):
     target: Optional[str] = None  # link target text
 
 
+class Action(NamedTuple):
+    """How one kind of event is reported: the one place an action is defined."""
+
+    severity: str  # "info", "warning" or "error"
+    done: str  # what the log says once done: {path}, {detail}, {size} (detail as a size)
+    would: str  # what a dry run says instead ("" : the same as done)
+    summary: str = ""  # its count's label in the pass summary ("": not counted there)
+    itemize: str = ""  # rsync-style change code for --itemize ("": not itemized)
+
+
+# Every action a pass reports, in the order the pass summary counts them.
+ACTIONS = {
+    "copy": Action("info", "copied {path} ({size})", "would copy {path} ({size})",
+                   "copied", ">f+++++++++"),
+    "update": Action("info", "updated {path} ({size})", "would update {path} ({size})",
+                     "updated", ">f.st......"),
+    # detail: the old path
+    "move": Action("info", "moved {detail} -> {path}", "would move {detail} -> {path}",
+                   "moved", "*moving    "),
+    "mkdir": Action("info", "created directory {path}", "would create directory {path}",
+                    "directories created", "cd+++++++++"),
+    "link": Action("info", "created link {path} -> {detail}", "would create link {path} -> {detail}",
+                   "links created", "cL+++++++++"),
+    # a symbolic link whose target changed
+    "relink": Action("info", "updated link {path} -> {detail}", "would update link {path} -> {detail}",
+                     "links updated", "cL.s......."),
+    # permission bits only
+    "chmod": Action("info", "set permissions of {path} to {detail}",
+                    "would set permissions of {path} to {detail}", "permissions set", ".f...p....."),
+    # a file, link or special file (detail: its kind)
+    "remove": Action("info", "removed {detail} {path}", "would remove {detail} {path}",
+                     "removed", "*deleting  "),
+    "rmdir": Action("info", "removed directory {path}", "would remove directory {path}",
+                    "directories removed", "*deleting  "),
+    # an old version moved (or, for an update, linked) to the trash (detail: where)
+    "trash": Action("info", "kept old version of {path} in trash as {detail}",
+                    "would keep old version of {path} in trash", "kept in trash", "*trashing  "),
+    # a trash folder older than trash_keep_days (path: its name)
+    "prune": Action("info", "pruned trash folder {path}", "would prune trash folder {path}",
+                    "trash folders pruned"),
+    # a temporary file left by an interrupted pass
+    "temp": Action("info", "removed leftover temporary file {path}",
+                   "would remove leftover temporary file {path}", "temporary files removed", "*deleting  "),
+    # a source entry that is never mirrored (a special file)
+    "skip": Action("warning", "skipped {path}: {detail}", "", "skipped"),
+    "changed": Action("warning", "{path} changed while it was being copied; the next pass copies it again",
+                      "", "changed while copying"),
+    "vanished": Action("info", "{path} vanished before it could be copied", "", "vanished"),
+    # REPLICA's file system cannot store this mtime (detail: what it keeps)
+    "clamped": Action("warning", "{path}: the time {detail}", ""),
+    # a pass took longer than the interval (detail: its seconds)
+    "overrun": Action("warning", "the pass took {detail} s, longer than INTERVAL; starting the next one now", ""),
+    "error": Action("error", "{path}: {detail}", ""),  # an item could not be mirrored
+}
+
+
+def _human(n: int) -> str:
+    """A size for people: 512 bytes, 1.5 KiB, 3.0 GiB."""
+    size = float(n)
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if size < 1024:
+            return f"{n} bytes" if unit == "bytes" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} TiB"
+
+
+def _show(path: str) -> str:
+    """A path as one printable line: undecodable bytes and control
+    characters are escaped (b'\\xff' -> \\xff, newline -> \\n)."""
+    if not path:
+        return "."
+    if path.isprintable():
+        return path
+    raw = path.encode("utf-8", "surrogateescape")
+    text = raw.decode("utf-8", "backslashreplace")
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+# Events whose detail is a path or link target, shown escaped like paths.
+_PATH_DETAIL = frozenset({"link", "relink", "move", "trash"})
+
+
 class Event(NamedTuple):
     """Something a pass did, would do (dry run), or failed to do.
 
@@ -191,29 +273,32 @@ class Event(NamedTuple):
     action: str
     path: str
     detail: str = ""
+    # For a refusal: the Options field that lets the user proceed anyway
+    # ("allow_empty_source", "allow_mass_delete", "max_delete"); the CLI
+    # turns it into the flag to use.
+    advice: str = ""
 
+    def text(self, dry_run: bool = False) -> str:
+        """One log line's message."""
+        action = ACTIONS[self.action]
+        template = dry_run and action.would or action.done
+        if self.action == "error" and not self.path:
+            template = "{detail}"  # about a root, which the detail names
+        size = _human(int(self.detail)) if self.detail.isdigit() else self.detail
+        detail = _show(self.detail) if self.action in _PATH_DETAIL else self.detail
+        return template.format(path=_show(self.path), detail=detail, size=size)
 
-# Every action a pass reports, and the severity main() logs it at.
-ACTIONS = {
-    "mkdir": logging.INFO,  # created a directory
-    "copy": logging.INFO,  # copied a new file
-    "update": logging.INFO,  # replaced a changed file
-    "link": logging.INFO,  # created a symbolic link
-    "relink": logging.INFO,  # replaced a symbolic link whose target changed
-    "chmod": logging.INFO,  # changed permission bits only
-    "remove": logging.INFO,  # removed a file, link or special file
-    "rmdir": logging.INFO,  # removed a directory
-    "temp": logging.INFO,  # removed a temporary file left by an interrupted pass
-    "move": logging.INFO,  # renamed a replica entry the source renamed (detail: old path)
-    "trash": logging.INFO,  # moved (or, for an update, linked) an old version to the trash
-    "prune": logging.INFO,  # removed a trash folder older than --trash-keep (path: its name)
-    "vanished": logging.INFO,  # a source file disappeared before it could be copied
-    "skip": logging.WARNING,  # a source entry that is never mirrored (special file)
-    "changed": logging.WARNING,  # a source file changed while it was being copied
-    "clamped": logging.WARNING,  # REPLICA's file system cannot store this mtime (detail: what it kept)
-    "overrun": logging.WARNING,  # a pass took longer than the interval
-    "error": logging.ERROR,  # an item could not be mirrored
-}
+    def itemized(self) -> str:
+        """The --itemize line: change code and path ("" for actions without a code)."""
+        code = ACTIONS[self.action].itemize
+        if not code:
+            return ""
+        path = _show(self.path) + ("/" if self.action in ("mkdir", "rmdir") else "")
+        if self.action in ("link", "relink"):
+            path += f" -> {_show(self.detail)}"
+        elif self.action == "move":
+            path = f"{_show(self.detail)} -> {path}"
+        return f"{code} {path}"
 
 
 @dataclass
@@ -224,9 +309,10 @@ class Options:
     dry_run: bool = False  # report what would be done, change nothing
     allow_empty_source: bool = False  # let an empty SOURCE empty a non-empty REPLICA
     max_delete: Optional[int] = None  # refuse a pass that would delete more entries
-    # Processes that walk subtrees at once (forked where the OS allows; a
-    # multi-threaded program calling run_pass should pass 1: all in the caller).
-    workers: int = DEFAULT_WORKERS
+    # Processes that walk subtrees at once, forked where the OS allows.  The
+    # library's default is 1 (all in the caller: a threaded program must not
+    # fork); the CLI's is the number of CPUs (DEFAULT_WORKERS).
+    workers: int = 1
     excludes: Optional["Excludes"] = None  # paths left out of the mirror on both sides
     delete_excluded: bool = False  # remove excluded paths from REPLICA after all
     modify_window_ns: int = 0  # mtimes this close count as equal (FAT, SMB)
@@ -258,6 +344,20 @@ class PassResult:
         """True when the replica is now an exact mirror of the source."""
         unsettled = self.counts["changed"] + self.counts["vanished"]
         return not (self.errors or self.interrupted or unsettled)
+
+    def summary(self, dry_run: bool = False) -> str:
+        """The pass in one line: what it counted, and whether the mirror is exact."""
+        parts = [f"checked {self.checked}"]
+        parts += [f"{action.summary} {self.counts[name]}" for name, action in ACTIONS.items()
+                  if action.summary and self.counts[name]]
+        parts.append(f"errors {self.errors}")
+        head = "dry run finished" if dry_run else "pass finished"
+        if self.interrupted:
+            head += " early (stopped)"
+        text = f"{head} in {self.duration:.2f} s: {', '.join(parts)}; {_human(self.bytes_copied)} copied"
+        if dry_run:
+            return text
+        return text + ("; replica is an exact mirror" if self.exact else "; replica is NOT yet an exact mirror")
 
 
 class UsageError(Exception):
@@ -1091,10 +1191,13 @@ class _Pass:
         self.result.errors += 1
         self.emit("error", rel, message)
 
-    def refuse(self, rel: str, message: str) -> None:
-        """A safety check refused the pass ("") or one folder: nothing there changes."""
+    def refuse(self, rel: str, message: str, advice: str = "") -> None:
+        """A safety check refused the pass ("") or one folder: nothing there
+        changes.  advice: the Options field that would let it proceed."""
         self.result.refused = True
-        self.error(rel, message)
+        self.result.errors += 1
+        self.result.counts["error"] += 1
+        self.report(Event("error", rel, message, advice))
 
     def may_delete(self, rel: str) -> bool:
         """The --max-delete safety net, for a source that changed after the
@@ -1102,7 +1205,7 @@ class _Pass:
         limit = self.options.max_delete
         if limit is None or self.deleted < limit:
             return True
-        self.error(rel, f"not removed: --max-delete {limit} reached")
+        self.error(rel, f"not removed: the limit of {limit} deletions is reached")
         return False
 
     def stopping(self) -> bool:
@@ -1385,8 +1488,8 @@ class _Pass:
         if frame.parent is None and not self.options.allow_empty_source and _looks_unmounted(src, dst):
             self.close(frame)
             self.refuse("", "SOURCE is empty but REPLICA is not: refusing to delete everything in "
-                            "REPLICA (an unmounted drive looks like this); nothing was changed. "
-                            "Use --allow-empty-source if SOURCE is meant to be empty.")
+                            "REPLICA (an unmounted drive looks like this); nothing was changed.",
+                        advice="allow_empty_source")
             return None
 
         keep = set()  # names whose replica entry must not be touched this pass
@@ -1417,7 +1520,7 @@ class _Pass:
             refusal = doomed and self.mass_deletion(frame, src, dst, doomed)
             if refusal:
                 self.close(frame)
-                self.refuse(rel, refusal)
+                self.refuse(rel, refusal, "allow_mass_delete")
                 return None
         if not self.restrict(frame):  # the first change to this folder: before any other
             self.close(frame)
@@ -1496,19 +1599,16 @@ class _Pass:
         if self.count_doomed(frame, dst, doomed, floor + 1) <= floor:
             return None
         count = self.count_doomed(frame, dst, doomed, 1 << 62)
-        allow = ("run once with --allow-mass-delete (or with --max-delete at least the number "
-                 "of deletions you expect)")
         if frame.parent is not None and not _real(src):
             return (f"the source folder is empty, but the replica folder holds {count:,} entries: "
-                    "a drive that is not mounted looks like this, so nothing in it was changed. "
-                    f"If the folder really was emptied, {allow}.")
+                    "a drive that is not mounted looks like this, so nothing in it was changed.")
         if self.replica_total is None:
             self.replica_total = _count_inside(self.roots.replica, 1 << 62)
         if count * 2 <= self.replica_total:
             return None
         return (f"mirroring this folder would delete {count:,} of the {self.replica_total:,} entries "
                 "in REPLICA, more than half: a wrong REPLICA or a drive that is not mounted looks "
-                f"like this, so nothing in this folder was changed. If that is intended, {allow}.")
+                "like this, so nothing in this folder was changed.")
 
     def count_doomed(self, frame: _Frame, dst: dict, doomed: list, cap: int) -> int:
         count = 0
@@ -2665,9 +2765,8 @@ class Mirror:
                 work.times = self.times or Times()
                 would_delete = _count_deletions(roots, options, work.should_stop, work.times)
                 if would_delete is not None and would_delete > options.max_delete:
-                    work.refuse("", f"this pass would delete {would_delete} entries, more than "
-                                    f"--max-delete {options.max_delete}; nothing was changed. If that "
-                                    "many deletions are intended, run once with a higher --max-delete.")
+                    work.refuse("", f"this pass would delete {would_delete} entries, more than the "
+                                    f"limit of {options.max_delete}; nothing was changed.", "max_delete")
                 else:
                     work.run(roots)
             finally:
@@ -2810,92 +2909,6 @@ def parse_interval(text: str) -> float:
 
 # ---------------------------------------------------------------- the CLI --
 
-_DONE = {
-    "mkdir": "created directory {path}",
-    "copy": "copied {path} ({size})",
-    "update": "updated {path} ({size})",
-    "link": "created link {path} -> {detail}",
-    "relink": "updated link {path} -> {detail}",
-    "chmod": "set permissions of {path} to {detail}",
-    "remove": "removed {detail} {path}",
-    "rmdir": "removed directory {path}",
-    "temp": "removed leftover temporary file {path}",
-    "move": "moved {detail} -> {path}",
-    "trash": "kept old version of {path} in trash as {detail}",
-    "prune": "pruned trash folder {path}",
-    "vanished": "{path} vanished before it could be copied",
-    "skip": "skipped {path}: {detail}",
-    "changed": "{path} changed while it was being copied; the next pass copies it again",
-    "overrun": "the pass took {detail} s, longer than INTERVAL; starting the next one now",
-    "error": "{path}: {detail}",
-}
-_WOULD = {
-    "mkdir": "would create directory {path}",
-    "copy": "would copy {path} ({size})",
-    "update": "would update {path} ({size})",
-    "link": "would create link {path} -> {detail}",
-    "relink": "would update link {path} -> {detail}",
-    "chmod": "would set permissions of {path} to {detail}",
-    "remove": "would remove {detail} {path}",
-    "rmdir": "would remove directory {path}",
-    "temp": "would remove leftover temporary file {path}",
-    "move": "would move {detail} -> {path}",
-    "trash": "would keep old version of {path} in trash",
-    "prune": "would prune trash folder {path}",
-}
-_SUMMARY_WORDS = [
-    ("copy", "copied"), ("update", "updated"), ("move", "moved"), ("mkdir", "directories created"),
-    ("link", "links created"), ("relink", "links updated"), ("chmod", "permissions set"),
-    ("remove", "removed"), ("rmdir", "directories removed"), ("trash", "kept in trash"),
-    ("prune", "trash folders pruned"), ("temp", "temporary files removed"),
-    ("skip", "skipped"), ("changed", "changed while copying"), ("vanished", "vanished"),
-]
-
-
-def _human(n: int) -> str:
-    size = float(n)
-    for unit in ("bytes", "KiB", "MiB", "GiB", "TiB"):
-        if size < 1024 or unit == "TiB":
-            return f"{n} bytes" if unit == "bytes" else f"{size:.1f} {unit}"
-        size /= 1024
-    return f"{n} bytes"  # pragma: no cover
-
-
-def _show(path: str) -> str:
-    """A path as one printable log line: undecodable bytes and control
-    characters are escaped (b'\\xff' -> \\xff, newline -> \\n)."""
-    if not path:
-        return "."
-    if path.isprintable():
-        return path
-    raw = path.encode("utf-8", "surrogateescape")
-    text = raw.decode("utf-8", "backslashreplace")
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
-
-
-def format_event(event: Event, dry_run: bool = False) -> str:
-    template = (_WOULD if dry_run else _DONE).get(event.action) or _DONE[event.action]
-    if event.action == "error" and not event.path:
-        template = "{detail}"  # about a root, which the detail names
-    size = _human(int(event.detail)) if event.detail.isdigit() else event.detail
-    detail = _show(event.detail) if event.action in ("link", "relink", "move", "trash") else event.detail
-    return template.format(path=_show(event.path), detail=detail, size=size)
-
-
-def format_summary(result: PassResult, dry_run: bool = False) -> str:
-    parts = [f"checked {result.checked}"]
-    parts += [f"{words} {result.counts[action]}" for action, words in _SUMMARY_WORDS
-              if result.counts[action]]
-    parts.append(f"errors {result.errors}")
-    head = "dry run finished" if dry_run else "pass finished"
-    if result.interrupted:
-        head += " early (stopped)"
-    text = f"{head} in {result.duration:.2f} s: {', '.join(parts)}; {_human(result.bytes_copied)} copied"
-    if dry_run:
-        return text
-    return text + ("; replica is an exact mirror" if result.exact else "; replica is NOT yet an exact mirror")
-
-
 class _ReportOnce:
     """Mixin for handlers: a failure to write is reported once on stderr, not per
     line, and logging carries on (the sync matters more than its log)."""
@@ -2960,15 +2973,11 @@ class _Formatter(logging.Formatter):
         return self._text
 
 
+_LEVELS = {"info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 _FORMAT = _Formatter("%(asctime)s.%(msecs)03d %(levelname)-7s %(message)s", "%Y-%m-%d %H:%M:%S")
 
 
 def _setup_logging(log_file: str, quiet: bool, verbose: bool) -> logging.Logger:
-    # The logging HOWTO's "Optimization" switches: this process never logs
-    # which line, thread or process a record came from, and a pass may log
-    # one line per file.
-    logging._srcfile = None
-    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
     logger = logging.getLogger("sync")
     logger.handlers.clear()
     logger.propagate = False
@@ -2989,28 +2998,11 @@ def _setup_logging(log_file: str, quiet: bool, verbose: bool) -> logging.Logger:
     return logger
 
 
-ITEMIZE = {  # rsync-style change codes for --itemize (README lists them)
-    "copy": ">f+++++++++", "update": ">f.st......", "chmod": ".f...p.....",
-    "mkdir": "cd+++++++++", "link": "cL+++++++++", "relink": "cL.s.......",
-    "move": "*moving    ", "remove": "*deleting  ", "rmdir": "*deleting  ",
-    "temp": "*deleting  ", "trash": "*trashing  ",
-}
-
-
-def itemize(event: Event) -> str:
-    path = _show(event.path) + ("/" if event.action in ("mkdir", "rmdir") else "")
-    if event.action in ("link", "relink"):
-        path += f" -> {_show(event.detail)}"
-    elif event.action == "move":
-        path = f"{_show(event.detail)} -> {path}"
-    return f"{ITEMIZE[event.action]} {path}"
-
-
-def _describe_options(parser, args) -> str:
+def _describe_options(parser: "_ArgumentParser", args) -> str:
     """The options in effect that differ from their defaults, as typed."""
     said = []
-    for action in parser._actions:
-        if not action.option_strings or action.dest in ("help", "version", "workers"):
+    for action in parser.options:
+        if action.dest in ("help", "version", "workers"):
             continue
         value = getattr(args, action.dest)
         if value == action.default or value in ([], None):
@@ -3120,7 +3112,18 @@ class _Exit(Exception):
 
 
 class _ArgumentParser(argparse.ArgumentParser):
-    """Errors and early exits come back to main() instead of ending the process."""
+    """Errors and early exits come back to main() instead of ending the
+    process; the options it was given are kept in .options for the start line."""
+
+    def __init__(self, *args, **kwargs):
+        self.options = []
+        super().__init__(*args, **kwargs)
+
+    def add_argument(self, *args, **kwargs):
+        action = super().add_argument(*args, **kwargs)
+        if action.option_strings:
+            self.options.append(action)
+        return action
 
     def error(self, message):
         raise UsageError(message)
@@ -3269,11 +3272,13 @@ class _StopSignals:
             os.close(self.writer)
 
 
-def main(argv=None) -> int:
-    """Command-line entry point; returns the exit status."""
-    parser = _build_parser()
-    try:
-        args = parser.parse_args(argv)
+class _Settings:
+    """The command line, parsed and checked: the one place where flags
+    become Options.  Raises UsageError (one sentence) or _Exit."""
+
+    def __init__(self, argv=None):
+        parser = _build_parser()
+        args = self.args = parser.parse_args(argv)
         check_arguments(args.source, args.replica, args.log_file)
         for flag, path in [("--trash", args.trash), *(("--exclude-from", p) for p in args.exclude_from)]:
             if path is not None and not path.strip():
@@ -3286,85 +3291,135 @@ def main(argv=None) -> int:
                 raise UsageError(f"cannot read --exclude-from {path!r}: {_reason(err)}") from None
         if args.trash_keep is not None and not args.trash:
             raise UsageError("--trash-keep needs --trash DIR")
-        options = Options(checksum=args.checksum, dry_run=args.dry_run,
-                          allow_empty_source=args.allow_empty_source, max_delete=args.max_delete,
-                          workers=max(1, args.workers), excludes=Excludes(patterns) or None,
-                          delete_excluded=args.delete_excluded, trash=args.trash,
-                          trash_keep_days=args.trash_keep,
-                          modify_window_ns=int(args.modify_window * 1_000_000_000),
-                          allow_mass_delete=args.allow_mass_delete,
-                          protect={"LOG_FILE": args.log_file})
-        mirror = Mirror(args.source, args.replica, options)
-        mirror.check()  # every check a pass starts with, before anything is made
+        self.described = _describe_options(parser, args)
+        self.options = Options(
+            checksum=args.checksum, dry_run=args.dry_run, allow_empty_source=args.allow_empty_source,
+            max_delete=args.max_delete, workers=max(1, args.workers),
+            excludes=Excludes(patterns) or None, delete_excluded=args.delete_excluded,
+            trash=args.trash, trash_keep_days=args.trash_keep,
+            modify_window_ns=int(args.modify_window * 1_000_000_000),
+            allow_mass_delete=args.allow_mass_delete, protect={"LOG_FILE": args.log_file})
+
+
+# What the CLI adds to a refusal: the flag that lets the user proceed (by
+# the Options field the core names in Event.advice).
+_ADVICE = {
+    "allow_empty_source": "Use --allow-empty-source if SOURCE is meant to be empty.",
+    "allow_mass_delete": "If that is intended, run once with --allow-mass-delete (or with "
+                         "--max-delete at least the number of deletions you expect).",
+    "max_delete": "If that many deletions are intended, run once with a higher --max-delete.",
+}
+
+
+class _Reporter:
+    """Everything a user sees of a run: log lines (LOG_FILE and console),
+    --itemize lines on stdout, the progress line, the pass summaries."""
+
+    def __init__(self, settings: _Settings):
+        args = self.args = settings.args
+        self.settings = settings
         try:
-            logger = _setup_logging(args.log_file, args.quiet, args.verbose)
+            self.logger = _setup_logging(args.log_file, args.quiet, args.verbose)
         except OSError as err:
             raise UsageError(f"cannot open LOG_FILE {args.log_file!r}: {_reason(err)}") from None
-        cannot_lock = None
-        if not args.dry_run:  # a dry run changes nothing, so it may run beside a real one
-            cannot_lock = mirror.check(create=True, lock=True)
+        # The logging HOWTO's "Optimization" switches: this process never
+        # logs which thread or process a record came from, and a pass may log
+        # one line per file.
+        logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
+        self.progress = None
+        if _Progress.wanted(sys.stderr, args.quiet):
+            excludes = settings.options.excludes
+            self.progress = _Progress(sys.stderr, count=lambda stop: count_entries(args.source, excludes, stop))
+            for handler in self.logger.handlers:
+                if isinstance(handler, _Console):
+                    handler.progress = self.progress
+        self.checked = self.progress.progress if self.progress else None
+        self.last = None  # the PassResult of the latest pass
+
+    def log(self, level: int, message: str, summary: bool = False) -> None:
+        """One log line.  The record is made here, not by Logger.log, which
+        would look up the calling source line for every record."""
+        if self.logger.isEnabledFor(level):
+            self.logger.handle(self.logger.makeRecord(self.logger.name, level, "", 0, message, None, None,
+                                                      extra={"summary": summary}))
+
+    def event(self, event: Event) -> None:
+        text = event.text(self.args.dry_run)
+        if event.advice:
+            text += " " + _ADVICE[event.advice]
+        self.log(_LEVELS[ACTIONS[event.action].severity], text)
+        if self.args.itemize and ACTIONS[event.action].itemize:
+            print(event.itemized(), flush=True)
+        if self.progress:
+            self.progress.event(event)
+
+    def started(self) -> None:
+        args = self.args
+        mode = "once" if args.once else f"every {args.interval:g} s"
+        self.log(logging.INFO, f"sync.py {__version__} started: {_show(args.source)} -> "
+                               f"{_show(args.replica)}, {mode}, log {_show(args.log_file)}; "
+                               f"options: {self.settings.described}", summary=True)
+
+    def cannot_lock(self, err: OSError) -> None:
+        self.log(logging.WARNING, f"cannot lock REPLICA ({_reason(err)}): make sure no other "
+                                  "sync.py writes to it")
+
+    def pass_done(self, result: PassResult) -> None:
+        self.last = result
+        if self.progress:
+            self.progress.finish()
+        self.log(logging.WARNING if result.errors else logging.INFO,
+                 result.summary(self.args.dry_run), summary=True)
+
+    def crashed(self) -> None:
+        self.logger.critical("internal error: this is a bug in sync.py; please report it with "
+                             "these lines", exc_info=True)
+
+    def stopped(self, signals: "_StopSignals") -> None:
+        if signals.aborted():
+            self.log(logging.WARNING, f"stopped at once by a second signal ({signals.caught[1]})", summary=True)
+        elif signals.caught:
+            self.log(logging.INFO, f"stopped by {signals.caught[0]}", summary=True)
+        else:
+            self.log(logging.INFO, "finished", summary=True)
+
+
+def main(argv=None) -> int:
+    """Command-line entry point: parse, check, lock, loop; returns the exit status."""
+    try:
+        settings = _Settings(argv)
+        args = settings.args
+        mirror = Mirror(args.source, args.replica, settings.options)
+        mirror.check()  # every check a pass starts with, before anything is made
+        reporter = _Reporter(settings)
+        # A dry run changes nothing, so it may run beside a real one: no lock.
+        cannot_lock = None if args.dry_run else mirror.check(create=True, lock=True)
     except UsageError as err:
         print(f"sync.py: error: {err}", file=sys.stderr)
         return EXIT_USAGE
     except _Exit as done:
         return done.status
     if cannot_lock is not None:
-        logger.warning("cannot lock REPLICA (%s): make sure no other sync.py writes to it",
-                       _reason(cannot_lock))
+        reporter.cannot_lock(cannot_lock)
     _raise_open_file_limit()
     signals = _StopSignals()
     try:
-        progress = None
-        if _Progress.wanted(sys.stderr, args.quiet):
-            progress = _Progress(sys.stderr, count=lambda stop: count_entries(args.source, options.excludes, stop))
-            for handler in logger.handlers:
-                if isinstance(handler, _Console):
-                    handler.progress = progress
-
-        def report(event: Event) -> None:
-            logger.log(ACTIONS[event.action], format_event(event, args.dry_run))
-            if args.itemize and event.action in ITEMIZE:
-                print(itemize(event), flush=True)
-            if progress:
-                progress.event(event)
-
-        results = []
-
-        def on_pass(result: PassResult) -> None:
-            results.append(result)
-            if progress:
-                progress.finish()
-            level = logging.WARNING if result.errors else logging.INFO
-            logger.log(level, format_summary(result, args.dry_run), extra={"summary": True})
-
-        mode = "once" if args.once else f"every {args.interval:g} s"
-        logger.info("sync.py %s started: %s -> %s, %s, log %s; options: %s", __version__,
-                    _show(args.source), _show(args.replica), mode, _show(args.log_file),
-                    _describe_options(parser, args), extra={"summary": True})
-        checked = progress.progress if progress else None
-        try:
-            if args.once:
-                on_pass(mirror.run_pass(report, signals.is_set, checked, signals.aborted))
-            else:
-                run_periodically(args.source, args.replica, args.interval, options, report, on_pass,
-                                 signals, progress=checked, abort=signals.aborted, mirror=mirror)
-        except Exception:
-            logger.critical("internal error: this is a bug in sync.py; please report it with "
-                            "these lines", exc_info=True)
-            return EXIT_FAILED
+        reporter.started()
+        if args.once:
+            reporter.pass_done(mirror.run_pass(reporter.event, signals.is_set, reporter.checked, signals.aborted))
+        else:
+            run_periodically(args.source, args.replica, args.interval, settings.options, reporter.event,
+                             reporter.pass_done, signals, progress=reporter.checked,
+                             abort=signals.aborted, mirror=mirror)
+    except Exception:
+        reporter.crashed()
+        return EXIT_FAILED
     finally:
         signals.close()
         mirror.unlock()
-    if signals.aborted():
-        logger.warning("stopped at once by a second signal (%s)", signals.caught[1],
-                       extra={"summary": True})
+    reporter.stopped(signals)
+    if signals.aborted() or args.once and not reporter.last.exact:
         return EXIT_FAILED
-    if signals.caught:
-        logger.info("stopped by %s", signals.caught[0], extra={"summary": True})
-    else:
-        logger.info("finished", extra={"summary": True})
-    if args.once:
-        return EXIT_OK if results[-1].exact else EXIT_FAILED
     return EXIT_OK
 
 

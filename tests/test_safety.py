@@ -174,7 +174,8 @@ def test_max_delete_refuses_the_whole_pass(src, dst, log, cli):
     before = snapshot(dst)
     proc = cli(src, dst, 1, log, "--once", "--max-delete", "7")
     assert proc.returncode == 1
-    assert "this pass would delete 8 entries, more than --max-delete 7; nothing was changed" in proc.stderr
+    assert ("this pass would delete 8 entries, more than the limit of 7; nothing was changed. If that "
+            "many deletions are intended, run once with a higher --max-delete.") in proc.stderr
     assert snapshot(dst) == before
     proc = cli(src, dst, 1, log, "--once", "--max-delete", "8")
     assert proc.returncode == 0

@@ -256,9 +256,8 @@ def test_an_unmounted_drive_inside_source_does_not_empty_its_replica(tmp_path, m
     assert result.refused and not result.exact
     assert [(e.path, e.detail) for e in events if e.action == "error"] == [(
         "media", "the source folder is empty, but the replica folder holds 151 entries: a drive "
-        "that is not mounted looks like this, so nothing in it was changed. If the folder really "
-        "was emptied, run once with --allow-mass-delete (or with --max-delete at least the number "
-        "of deletions you expect).")]
+        "that is not mounted looks like this, so nothing in it was changed.")]
+    assert [e.advice for e in events if e.action == "error"] == ["allow_mass_delete"]
     assert snapshot(dst / "media") == before
     assert (dst / "keep.txt").read_text() == "changed meanwhile", "the rest of the pass goes on"
     result, events = sync_once(src, dst, allow_mass_delete=True)
@@ -278,8 +277,8 @@ def test_a_stray_file_in_an_unmounted_mount_point_does_not_empty_the_replica(src
     assert [(e.path, e.detail) for e in events if e.action == "error"] == [(
         "media", "mirroring this folder would delete 310 of the 312 entries in REPLICA, more than "
         "half: a wrong REPLICA or a drive that is not mounted looks like this, so nothing in this "
-        "folder was changed. If that is intended, run once with --allow-mass-delete (or with "
-        "--max-delete at least the number of deletions you expect).")]
+        "folder was changed.")]
+    assert [e.advice for e in events if e.action == "error"] == ["allow_mass_delete"]
     assert snapshot(dst / "media") == before, "not even the stray file was copied in"
 
 
@@ -292,7 +291,10 @@ def test_a_wrong_replica_path_is_not_emptied(tmp_path, log):
     before = snapshot(home)
     proc = run_cli(src, home, 1, log, "--once")
     assert proc.returncode == 1
-    assert "mirroring this folder would delete 323 of the 323 entries in REPLICA, more than half" in proc.stderr
+    assert ("mirroring this folder would delete 323 of the 323 entries in REPLICA, more than half: a "
+            "wrong REPLICA or a drive that is not mounted looks like this, so nothing in this folder was "
+            "changed. If that is intended, run once with --allow-mass-delete (or with --max-delete at "
+            "least the number of deletions you expect).") in proc.stderr
     assert snapshot(home) == before, "nothing at all was changed"
     proc = run_cli(src, home, 1, log, "--once", "--max-delete", "400")
     assert proc.returncode == 0, "an explicit --max-delete replaces the guard"

@@ -1,0 +1,85 @@
+"""The action table: every action's wording (done and dry run), its
+itemize code and its summary label, written out here in full so that a
+changed word anywhere shows."""
+
+import pytest
+
+import sync
+from sync import Event, PassResult
+
+# action, detail, done, would (None: as done), itemize line ("" none)
+CASES = [
+    ("copy", "2048", "copied a/f (2.0 KiB)", "would copy a/f (2.0 KiB)", ">f+++++++++ a/f"),
+    ("update", "5", "updated a/f (5 bytes)", "would update a/f (5 bytes)", ">f.st...... a/f"),
+    ("move", "a/old", "moved a/old -> a/f", "would move a/old -> a/f", "*moving     a/old -> a/f"),
+    ("mkdir", "", "created directory a/f", "would create directory a/f", "cd+++++++++ a/f/"),
+    ("link", "../t", "created link a/f -> ../t", "would create link a/f -> ../t", "cL+++++++++ a/f -> ../t"),
+    ("relink", "t2", "updated link a/f -> t2", "would update link a/f -> t2", "cL.s....... a/f -> t2"),
+    ("chmod", "0o600", "set permissions of a/f to 0o600", "would set permissions of a/f to 0o600",
+     ".f...p..... a/f"),
+    ("remove", "file", "removed file a/f", "would remove file a/f", "*deleting   a/f"),
+    ("rmdir", "", "removed directory a/f", "would remove directory a/f", "*deleting   a/f/"),
+    ("trash", "2026-11-26_101500.123/a/f", "kept old version of a/f in trash as 2026-11-26_101500.123/a/f",
+     "would keep old version of a/f in trash", "*trashing   a/f"),
+    ("prune", "", "pruned trash folder a/f", "would prune trash folder a/f", ""),
+    ("temp", "", "removed leftover temporary file a/f", "would remove leftover temporary file a/f",
+     "*deleting   a/f"),
+    ("skip", "FIFO", "skipped a/f: FIFO", None, ""),
+    ("changed", "", "a/f changed while it was being copied; the next pass copies it again", None, ""),
+    ("vanished", "", "a/f vanished before it could be copied", None, ""),
+    ("clamped", "2302-01-01 00:00:05 UTC is kept as 2038-01-19 03:14:07 UTC",
+     "a/f: the time 2302-01-01 00:00:05 UTC is kept as 2038-01-19 03:14:07 UTC", None, ""),
+    ("overrun", "12.5", "the pass took 12.5 s, longer than INTERVAL; starting the next one now", None, ""),
+    ("error", "cannot copy file: No space left on device (ENOSPC)",
+     "a/f: cannot copy file: No space left on device (ENOSPC)", None, ""),
+]
+
+SEVERITY = {"skip": "warning", "changed": "warning", "clamped": "warning", "overrun": "warning",
+            "error": "error"}
+
+
+def test_every_action_is_written_out_here():
+    assert sorted(a for a, *_ in CASES) == sorted(sync.ACTIONS)
+
+
+@pytest.mark.parametrize("action, detail, done, would, itemized", CASES, ids=[c[0] for c in CASES])
+def test_wording_itemize_code_and_severity(action, detail, done, would, itemized):
+    event = Event(action, "a/f", detail)
+    assert event.text() == done
+    assert event.text(dry_run=True) == (would or done)
+    assert event.itemized() == itemized
+    assert sync.ACTIONS[action].severity == SEVERITY.get(action, "info")
+
+
+def test_paths_and_path_details_are_escaped_on_one_line():
+    assert Event("move", "new\nname", "old\udcff").text() == "moved old\\xff -> new\\nname"
+    assert Event("link", "l", "t\tx").itemized() == "cL+++++++++ l -> t\\tx"
+    assert Event("error", "", "REPLICA is missing").text() == "REPLICA is missing"
+    assert Event("mkdir", "").text() == "created directory ."
+
+
+@pytest.mark.parametrize("n, text", [(0, "0 bytes"), (1023, "1023 bytes"), (1024, "1.0 KiB"),
+                                     (1536, "1.5 KiB"), (5 << 20, "5.0 MiB"), (3 << 30, "3.0 GiB"),
+                                     (1 << 40, "1.0 TiB"), (1 << 50, "1024.0 TiB")])
+def test_sizes_read_as_people_write_them(n, text):
+    assert sync._human(n) == text
+    assert Event("copy", "f", str(n)).text() == f"copied f ({text})"
+
+
+def test_the_summary_counts_each_action_under_its_label_in_table_order():
+    result = PassResult(checked=7, bytes_copied=3 << 20, errors=0, duration=1.234)
+    for action in sync.ACTIONS:
+        result.counts[action] = 1
+    result.counts["copy"] = 4
+    labels = ("copied 4, updated 1, moved 1, directories created 1, links created 1, links updated 1, "
+              "permissions set 1, removed 1, directories removed 1, kept in trash 1, "
+              "trash folders pruned 1, temporary files removed 1, skipped 1, changed while copying 1, "
+              "vanished 1")
+    assert result.summary(dry_run=True) == f"dry run finished in 1.23 s: checked 7, {labels}, errors 0; 3.0 MiB copied"
+    assert result.summary() == (f"pass finished in 1.23 s: checked 7, {labels}, errors 0; 3.0 MiB copied; "
+                                "replica is NOT yet an exact mirror")
+    clean = PassResult(checked=2, duration=0.5)
+    assert clean.summary() == "pass finished in 0.50 s: checked 2, errors 0; 0 bytes copied; replica is an exact mirror"
+    clean.interrupted = True
+    assert clean.summary().startswith("pass finished early (stopped) in 0.50 s")
+    assert clean.summary().endswith("replica is NOT yet an exact mirror")
