@@ -77,11 +77,9 @@ import logging.handlers
 import math
 import mmap
 import os
-import pickle
 import itertools
 import re
 import select
-import selectors
 import signal
 import stat
 import sys
@@ -1017,59 +1015,6 @@ class _Done:
         return self.value
 
 
-class _Worker:
-    """The parent's view of one worker process."""
-
-    def __init__(self, pid, task_w, msg_r):
-        self.pid, self.task_w, self.msg_r = pid, task_w, msg_r
-        self.task = None  # the task index it was last given
-        self.finished = False  # sent its result
-        self.checked = 0  # source entries it has examined
-        self.inbox = _Inbox()
-
-    def close(self):
-        for fd in (self.task_w, self.msg_r):
-            try:
-                os.close(fd)
-            except OSError:
-                pass  # closed already
-
-
-class _Inbox:
-    """Reassembles length-prefixed pickled messages from a pipe."""
-
-    def __init__(self):
-        self.buffer = bytearray()
-
-    def feed(self, data: bytes) -> list:
-        self.buffer += data
-        messages = []
-        while len(self.buffer) >= 4:
-            size = int.from_bytes(self.buffer[:4], "little")
-            if len(self.buffer) < 4 + size:
-                break
-            messages.append(pickle.loads(self.buffer[4:4 + size]))
-            del self.buffer[:4 + size]
-        return messages
-
-
-def _send(fd: int, message) -> None:
-    data = pickle.dumps(message, pickle.HIGHEST_PROTOCOL)
-    view = memoryview(len(data).to_bytes(4, "little") + data)
-    while view:
-        view = view[os.write(fd, view):]
-
-
-def _read_index(fd: int) -> int:
-    data = b""
-    while len(data) < 4:
-        chunk = os.read(fd, 4 - len(data))
-        if not chunk:
-            return -1  # the parent has gone
-        data += chunk
-    return int.from_bytes(data, "little", signed=True)
-
-
 # ----------------------------------------------------------------- one pass --
 
 
@@ -1304,7 +1249,8 @@ class _Pass:
                     break
                 level = tasks
             if len(tasks) > 1 and not self.stopping():
-                self.fan_out(tasks)
+                self.stop_threads()  # no threads may be running across a fork
+                _FanOut(self, tasks).run()
             else:
                 for task in tasks:
                     self.walk(task)
@@ -1318,143 +1264,23 @@ class _Pass:
                 else:
                     self.close(frame)
 
-    def fan_out(self, tasks: list) -> None:
-        """Walk tasks (subtrees whose parents are open here) in forked worker
-        processes, handed out one at a time; report their events in task
-        order, as a single process would have."""
-        self.stop_threads()  # no threads may be running across a fork
-        # Shared with the workers: 1 asks them to stop after the current
-        # item, 2 to stop at once (abandoning a copy mid-file).
-        stop_flag = mmap.mmap(-1, 1)
-        workers, parent = {}, os.getpid()
-        try:
-            for _ in range(min(self.options.workers, len(tasks))):
-                task_r, task_w = os.pipe()
-                msg_r, msg_w = os.pipe()
-                pid = os.fork()
-                if pid == 0:  # the worker: never returns
-                    code = 70
-                    try:
-                        for w in workers.values():
-                            os.close(w.task_w)
-                            os.close(w.msg_r)
-                        os.close(task_w)
-                        os.close(msg_r)
-                        code = self.serve(tasks, task_r, msg_w, stop_flag, parent)
-                    finally:
-                        os._exit(code)
-                os.close(task_r)
-                os.close(msg_w)
-                workers[msg_r] = _Worker(pid, task_w, msg_r)
-            self.collect(tasks, workers, stop_flag)
-        finally:
-            stop_flag[0] = max(stop_flag[0], 1)
-            for w in workers.values():
-                w.close()
-                os.waitpid(w.pid, 0)
+    def worker_pass(self, report, should_stop, abort) -> "_Pass":
+        """A fresh pass for a worker process: its own results and callbacks,
+        this pass's roots, trash folder and knowledge of REPLICA."""
+        work = _Pass(self.options, report, should_stop, None, abort)
+        work.roots, work.protected, work.times = self.roots, self.protected, self.times
+        work.trash_stamp, work.replica_total = self.trash_stamp, self.replica_total
+        return work
 
-    def serve(self, tasks, task_r, msg_w, stop_flag, parent) -> int:
-        """A worker's life: walk each task index the parent sends, stream its
-        events back, and end with this worker's share of the counts."""
-        outer_stop, outer_abort = self.should_stop, self.abort
-        self.abort = lambda: stop_flag[0] == 2 or outer_abort()
-        self.should_stop = lambda: stop_flag[0] != 0 or os.getppid() != parent or outer_stop()
-        self.result, self.deleted, self.progress, self.retries = PassResult(), 0, None, []
-        batch, current = [], [None]
-
-        def report(event):
-            batch.append(event)
-            if len(batch) >= 256:
-                _send(msg_w, ("events", current[0], batch, self.result.checked))
-                batch.clear()
-
-        self.report = report
-        while True:
-            index = _read_index(task_r)
-            if index < 0:
-                break
-            current[0] = index
-            self.walk(tasks[index])
-            _send(msg_w, ("done", index, batch, self.result.checked))
-            batch.clear()
-        r = self.result
-        _send(msg_w, ("result", dict(r.counts), r.bytes_copied, r.errors, r.interrupted, r.refused,
-                      self.deleted, self.retries))
-        return 0
-
-    def collect(self, tasks, workers: dict, stop_flag) -> None:
-        """The parent's side of fan_out: hand out tasks, merge what comes back."""
-        handed, reported = 0, 0
-        held, done = {}, set()  # events of tasks ahead of the one being reported
-
-        def hand_out(worker):
-            nonlocal handed
-            worker.task = handed if handed < len(tasks) else -1
-            try:
-                os.write(worker.task_w, worker.task.to_bytes(4, "little", signed=True))
-            except BrokenPipeError:  # it has just died: its end of pipe reports that
-                worker.task = -1
-                return
-            handed += worker.task >= 0
-
-        def forward(index, events, finished):
-            # Events of the task being reported go out at once; those of
-            # later tasks wait until every task before them is done.
-            nonlocal reported
-            held.setdefault(index, []).extend(events)
-            if finished:
-                done.add(index)
-            while reported in held:
-                for event in held.pop(reported):
-                    self.report(event)
-                if reported not in done:
-                    held[reported] = []
-                    break
-                reported += 1
-
-        selector = selectors.DefaultSelector()
-        for w in workers.values():
-            selector.register(w.msg_r, selectors.EVENT_READ)
-            hand_out(w)
-        alive = dict(workers)
-        while alive:
-            for key, _ in selector.select(timeout=0.2):
-                w = alive[key.fd]
-                data = os.read(w.msg_r, 1 << 16)
-                if not data:  # the worker has ended
-                    selector.unregister(key.fd)
-                    del alive[key.fd]
-                    if not w.finished:
-                        self.error("", f"worker process {w.pid} ended unexpectedly; "
-                                       "the next pass retries what it had not done")
-                        if w.task is not None and w.task >= 0:
-                            forward(w.task, [], True)
-                    continue
-                for message in w.inbox.feed(data):
-                    kind = message[0]
-                    if kind in ("events", "done"):
-                        forward(message[1], message[2], kind == "done")
-                        w.checked = message[3]
-                        if self.progress is not None:
-                            self.progress(self.result.checked + sum(x.checked for x in workers.values()))
-                    if kind == "done":
-                        hand_out(w)
-                    elif kind == "result":  # this worker's share
-                        counts, copied, errors, interrupted, refused, deleted, retries = message[1:]
-                        self.result.counts.update(counts)
-                        self.result.bytes_copied += copied
-                        self.result.errors += errors
-                        self.result.interrupted |= interrupted
-                        self.result.refused |= refused
-                        self.deleted += deleted
-                        self.retries += retries
-                        w.finished = True
-            if self.stopping():
-                stop_flag[0] = 2 if self.abort() else max(stop_flag[0], 1)
-        selector.close()
-        self.result.checked += sum(w.checked for w in workers.values())
-        for index in range(handed, len(tasks)):  # left by workers that died
-            self.walk(tasks[index])
+    def add(self, share: "_Share") -> None:
+        """Count a worker's share of the pass in this pass's result."""
+        self.result.counts.update(share.counts)
+        self.result.bytes_copied += share.bytes_copied
+        self.result.errors += share.errors
+        self.result.interrupted |= share.interrupted
+        self.result.refused |= share.refused
+        self.deleted += share.deleted
+        self.retries += share.retries
 
     def close(self, frame: _Frame) -> None:
         for d in (frame.sd, frame.dd):
@@ -2066,11 +1892,11 @@ class _Pass:
         Iterative and descriptor-based like shutil.rmtree's safe variant: every
         directory is opened with O_NOFOLLOW relative to its parent, so a link
         swapped in cannot send the deletion elsewhere, and a folder that is a
-        root seen again through a mount is never entered.
+        root seen again through a mount is never entered.  accounting=False
+        (pruning the trash) neither reports nor counts what goes.
         """
         dry = self.options.dry_run
-        # Each level: [parent handle, name, rel, handle, remaining entries, ok]
-        stack = []
+        stack = []  # _Doomed folders, outermost first; each open
 
         def descend(p, n, r) -> bool:
             try:
@@ -2088,7 +1914,7 @@ class _Pass:
                 return False
             for bad, err in failed:
                 self.fail(_join(r, bad), "examine replica entry", err)
-            stack.append([p, n, r, d, sorted(entries.items(), reverse=True), not failed])
+            stack.append(_Doomed(p, n, r, d, sorted(entries.items(), reverse=True), not failed))
             return True
 
         if not descend(parent, name, rel):
@@ -2096,51 +1922,62 @@ class _Pass:
         try:
             while stack:
                 level = stack[-1]
-                p, n, r, d, remaining, ok = level
-                if remaining and not self.stopping():
-                    child, entry = remaining.pop()
-                    child_rel = _join(r, child)
+                if level.remaining and not self.stopping():
+                    child, entry = level.remaining.pop()
+                    child_rel = _join(level.rel, child)
                     if entry.kind == DIR:
-                        if self.reached_again(child_rel, entry) or not descend(d, child, child_rel):
-                            level[5] = False
+                        if self.reached_again(child_rel, entry) or not descend(level.handle, child, child_rel):
+                            level.emptied = False
                         continue
                     if accounting and not _is_temp(child, entry) and not self.may_delete(child_rel):
-                        level[5] = False
+                        level.emptied = False
                         continue
                     if not dry:
                         try:
-                            path, fd = _at(d, child)
+                            path, fd = _at(level.handle, child)
                             os.unlink(path, dir_fd=fd)
                         except FileNotFoundError:
                             pass
                         except OSError as err:
                             self.fail(child_rel, "remove", err)
-                            level[5] = False
+                            level.emptied = False
                             continue
                     if accounting:
                         self.emit_removed(child, child_rel, entry)
                     continue
                 stack.pop()
-                _close_dir(d)
-                ok = ok and not remaining and (not accounting or self.may_delete(r))
+                _close_dir(level.handle)
+                ok = level.emptied and not level.remaining and (not accounting or self.may_delete(level.rel))
                 if ok and not dry:
                     try:
-                        path, fd = _at(p, n)
+                        path, fd = _at(level.parent, level.name)
                         os.rmdir(path, dir_fd=fd)
                     except OSError as err:
-                        self.fail(r, "remove directory", err)
+                        self.fail(level.rel, "remove directory", err)
                         ok = False
                 if ok and accounting:
                     self.deleted += 1
-                    self.emit("rmdir", r)
+                    self.emit("rmdir", level.rel)
                 if not ok and stack:
-                    stack[-1][5] = False  # a folder that stays keeps its parent
+                    stack[-1].emptied = False  # a folder that stays keeps its parent
                 if not stack:
                     return ok
         finally:
             for level in stack:
-                _close_dir(level[3])
+                _close_dir(level.handle)
         return False
+
+
+@dataclass
+class _Doomed:
+    """One folder on remove_tree's stack."""
+
+    parent: object  # handle of the folder that holds it
+    name: str  # its name there
+    rel: str  # its path below the root, for reports
+    handle: object  # its own handle, open while it is on the stack
+    remaining: list  # (name, Entry) still to remove, last first
+    emptied: bool  # False once something inside must stay (then so does the folder)
 
 
 def _rename_read_only_dir(dd, name, folder) -> None:
@@ -2223,6 +2060,183 @@ def _special_kind(mode: int) -> str:
     return "special file"
 
 
+# ------------------------------------------------------------------ fan-out --
+
+
+class _Share(NamedTuple):
+    """What one worker process adds to the pass's result."""
+
+    counts: dict
+    bytes_copied: int
+    errors: int
+    interrupted: bool
+    refused: bool
+    deleted: int
+    retries: list
+
+
+class _Worker:
+    """The parent's view of one worker process."""
+
+    def __init__(self, pid: int, conn):
+        self.pid, self.conn = pid, conn
+        self.task = None  # the task index it was last given (-1: none left)
+        self.finished = False  # its share has arrived
+        self.checked = 0  # source entries it has examined
+
+
+class _FanOut:
+    """Subtrees (frames whose parents the main process holds open) walked by
+    forked worker processes, handed out one index at a time.  Each worker
+    walks with a fresh pass of its own and streams its events back over a
+    multiprocessing Pipe; the parent reports them in task order, as one
+    process would have, and adds up the workers' shares.
+
+    Messages, worker to parent: ("events", task, [Event], checked),
+    ("done", task, [Event], checked), ("share", _Share).  Parent to worker:
+    a task index, or -1 for "no more".
+    """
+
+    BATCH = 256  # events per message
+
+    def __init__(self, main: _Pass, tasks: list):
+        self.main, self.tasks = main, tasks
+        # Shared with the workers: 1 asks them to stop after the current
+        # item, 2 to stop at once (abandoning a copy mid-file).
+        self.stop_flag = mmap.mmap(-1, 1)
+        self.connection = None  # the multiprocessing.connection module, once run() imports it
+        self.workers = []
+        self.handed = 0  # tasks handed out so far
+        self.reported = 0  # the task whose events are being reported
+        self.held = {}  # task -> events not reported yet (tasks after the current one)
+        self.done = set()  # tasks whose worker said "done"
+
+    def run(self) -> None:
+        # Imported here: it takes 25 ms, a tenth of the start-up of a small
+        # pass, and only passes that fan out need it.
+        from multiprocessing import connection
+        self.connection = connection
+        try:
+            for _ in range(min(self.main.options.workers, len(self.tasks))):
+                self.start_worker()
+            self.collect()
+        finally:
+            self.stop_flag[0] = max(self.stop_flag[0], 1)
+            for w in self.workers:
+                w.conn.close()
+                os.waitpid(w.pid, 0)
+
+    def start_worker(self) -> None:
+        parent_end, child_end = self.connection.Pipe()
+        parent = os.getpid()
+        pid = os.fork()
+        if pid == 0:  # the worker: never returns
+            code = 70
+            try:
+                for w in self.workers:
+                    w.conn.close()
+                parent_end.close()
+                code = self.serve(child_end, parent)
+            finally:
+                os._exit(code)
+        child_end.close()
+        self.workers.append(_Worker(pid, parent_end))
+
+    def serve(self, conn, parent: int) -> int:
+        """A worker's life: walk each task the parent sends, stream its
+        events back, and end with this worker's share of the pass."""
+        main, flag = self.main, self.stop_flag
+        batch, current = [], [None]
+
+        def report(event):
+            batch.append(event)
+            if len(batch) >= self.BATCH:
+                conn.send(("events", current[0], list(batch), work.result.checked))
+                batch.clear()
+
+        work = main.worker_pass(
+            report,
+            should_stop=lambda: flag[0] != 0 or os.getppid() != parent or main.should_stop(),
+            abort=lambda: flag[0] == 2 or main.abort())
+        while True:
+            try:
+                index = conn.recv()
+            except EOFError:  # the parent has gone
+                break
+            if index < 0:
+                break
+            current[0] = index
+            work.walk(self.tasks[index])
+            conn.send(("done", index, list(batch), work.result.checked))
+            batch.clear()
+        r = work.result
+        conn.send(("share", _Share(dict(r.counts), r.bytes_copied, r.errors, r.interrupted,
+                                   r.refused, work.deleted, work.retries)))
+        return 0
+
+    def hand_out(self, w: _Worker) -> None:
+        w.task = self.handed if self.handed < len(self.tasks) else -1
+        try:
+            w.conn.send(w.task)
+        except OSError:  # it has just died: its end of the pipe says so
+            w.task = -1
+            return
+        self.handed += w.task >= 0
+
+    def forward(self, index: int, events: list, finished: bool) -> None:
+        """Events of the task being reported go out at once; those of later
+        tasks wait until every task before them is done."""
+        self.held.setdefault(index, []).extend(events)
+        if finished:
+            self.done.add(index)
+        while self.reported in self.held:
+            for event in self.held.pop(self.reported):
+                self.main.report(event)
+            if self.reported not in self.done:
+                self.held[self.reported] = []
+                break
+            self.reported += 1
+
+    def collect(self) -> None:
+        """The parent's side: hand out tasks, merge what comes back."""
+        main = self.main
+        for w in self.workers:
+            self.hand_out(w)
+        alive = {w.conn: w for w in self.workers}
+        while alive:
+            for conn in self.connection.wait(list(alive), timeout=0.2):
+                w = alive[conn]
+                try:
+                    message = conn.recv()
+                except (EOFError, OSError):  # the worker has ended
+                    del alive[conn]
+                    if not w.finished:
+                        main.error("", f"worker process {w.pid} ended unexpectedly; "
+                                       "the next pass retries what it had not done")
+                        if w.task is not None and w.task >= 0:
+                            self.forward(w.task, [], True)
+                    continue
+                kind = message[0]
+                if kind == "share":
+                    main.add(message[1])
+                    w.finished = True
+                    continue
+                self.forward(message[1], message[2], kind == "done")
+                w.checked = message[3]
+                if main.progress is not None:
+                    main.progress(main.result.checked + sum(x.checked for x in self.workers))
+                if kind == "done":
+                    self.hand_out(w)
+            if main.stopping():
+                self.stop_flag[0] = 2 if main.abort() else max(self.stop_flag[0], 1)
+        main.result.checked += sum(w.checked for w in self.workers)
+        for index in range(self.handed, len(self.tasks)):  # left by workers that died
+            main.walk(self.tasks[index])
+
+
+# ------------------------------------------------------------ run_pass, the loop --
+
+
 def run_pass(source: str, replica: str, options: Options = None,
              report: Callable[[Event], None] = _ignore,
              should_stop: Callable[[], bool] = lambda: False,
@@ -2260,32 +2274,22 @@ def count_entries(source: str, excludes: Optional[Excludes] = None,
                   should_stop: Callable[[], bool] = lambda: False) -> Optional[int]:
     """How many source entries a pass will check, for a progress total.
 
-    A walk by name only (no stat: d_type tells folders), so it costs a
-    fraction of a pass.  An estimate: it skips what it cannot list, and the
-    source may change meanwhile.  None when asked to stop first.
+    os.walk by name only (no stat: d_type tells folders; links not
+    followed), so it costs a fraction of a pass.  An estimate: it skips
+    what it cannot list, and the source may change meanwhile.  None when
+    asked to stop first.
     """
-    total, pending = 0, [("", source)]
-    while pending:
+    total = 0
+    for folder, dirs, files in os.walk(source):
         if should_stop():
             return None
-        rel, path = pending.pop()
-        try:
-            with os.scandir(path) as listing:
-                items = list(listing)
-        except OSError:
-            continue
-        for item in items:
-            here = _join(rel, item.name)
-            is_dir = item.is_dir(follow_symlinks=False)
-            if excludes and excludes.match(here, item.name, is_dir):
-                continue
-            total += 1
-            if is_dir:
-                pending.append((here, item.path))
+        rel = os.path.relpath(folder, source).replace(os.sep, "/")
+        rel = "" if rel == "." else rel
+        if excludes:
+            dirs[:] = [n for n in dirs if not excludes.match(_join(rel, n), n, True)]
+            files = [n for n in files if not excludes.match(_join(rel, n), n, False)]
+        total += len(dirs) + len(files)
     return total
-
-
-# ----------------------------------------------------------------- the loop --
 
 
 def run_periodically(source: str, replica: str, interval: float, options: Options = None,

@@ -41,7 +41,7 @@ def test_workers_give_the_same_events_in_the_same_order(tmp_path):
 
 def test_a_worker_that_dies_costs_only_its_own_work(src, dst, monkeypatch):
     make_tree(src, TREE)
-    real_serve = sync._Pass.serve
+    real_serve = sync._FanOut.serve
     first = []
 
     def serve_or_die(self, *args):
@@ -49,7 +49,7 @@ def test_a_worker_that_dies_costs_only_its_own_work(src, dst, monkeypatch):
             os.kill(os.getpid(), signal.SIGKILL)
         return real_serve(self, *args)
 
-    monkeypatch.setattr(sync._Pass, "serve", serve_or_die)
+    monkeypatch.setattr(sync._FanOut, "serve", serve_or_die)
     # Only the first child dies: later ones are forked after the parent noted its pid.
     real_fork = os.fork
 
