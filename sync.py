@@ -898,6 +898,8 @@ def _make_writable(d, mode: int) -> int:
 class _Listing(NamedTuple):
     """Both sides of one directory pair, as _list_pair found them."""
 
+    rel: str  # the pair's path below the roots
+
     src: Optional[dict] = None
     unreadable: Optional[list] = None
     dst: Optional[dict] = None  # the walk updates it as it renames and removes
@@ -915,25 +917,25 @@ def _list_pair(frame) -> _Listing:
         try:
             frame.sd = _open_dir(frame.parent.sd, frame.name)
         except OSError as err:
-            return _Listing(failure=("list directory", err))
+            return _Listing(frame.rel, failure=("list directory", err))
         if frame.dst_exists:
             try:
                 frame.dd = _open_dir(frame.parent.dd, frame.dst_name)
                 if frame.dst_mode is None:  # created by this pass
                     frame.dst_mode = stat.S_IMODE(os.stat(frame.dd).st_mode)
             except OSError as err:
-                return _Listing(failure=("list replica directory", err))
+                return _Listing(frame.rel, failure=("list replica directory", err))
     try:
         src, unreadable = _scan(frame.sd)
     except OSError as err:
-        return _Listing(failure=("list directory", err))
+        return _Listing(frame.rel, failure=("list directory", err))
     if frame.dd is None:
-        return _Listing(src, unreadable, {}, [])
+        return _Listing(frame.rel, src, unreadable, {}, [])
     try:
         dst, dst_unreadable = _scan(frame.dd)
     except OSError as err:
-        return _Listing(failure=("list replica directory", err))
-    return _Listing(src, unreadable, dst, dst_unreadable)
+        return _Listing(frame.rel, failure=("list replica directory", err))
+    return _Listing(frame.rel, src, unreadable, dst, dst_unreadable)
 
 
 def _file_job(sd, dd, name, compare_first: bool, copy: bool, should_stop, abort) -> tuple:
@@ -1013,6 +1015,127 @@ class _Done:
 
     def result(self):
         return self.value
+
+
+# -------------------------------------------------------------- the planner --
+#
+# What one folder pair needs is decided from its two listings alone, with
+# no I/O: _sort_out() says what is wanted, what must go and what looks
+# renamed; once the walk has moved and removed, _steps() says what each
+# wanted entry needs.  The walk carries the plans out.
+
+
+class _Plan(NamedTuple):
+    """What _sort_out decided for one folder pair."""
+
+    checked: int  # source entries examined (excludes left out)
+    refusal: str  # why nothing here may change ("" : it may); only ever for the root
+    failed: list  # (name, what could not be done, OSError): reported; their replica entries stay
+    skipped: list  # (name, kind of special file): reported, never mirrored
+    wanted: dict  # name -> source Entry the replica must hold
+    dst: dict  # name -> replica Entry (excludes left out); the walk updates it as it goes
+    keep: set  # replica names that must not be touched this pass
+    unwanted: list  # replica names the source no longer has (or has as another kind), sorted
+    moves: list  # (old, new): replica entries the source seems to have renamed (see _match_moves)
+    doomed: list  # unwanted names that would really be deleted (not moved, not temporary): for the guards
+    empty: bool  # the source folder holds nothing real (only temporary files, or nothing)
+
+
+def _sort_out(listing: _Listing, options: Options, is_root: bool, replica_exists: bool) -> _Plan:
+    """Decide what one folder pair needs from its listings (see _Plan)."""
+    src, dst = listing.src, listing.dst
+    patterns = options.excludes
+    if patterns:
+        rel = listing.rel
+        excluded = {n for n, e in src.items() if patterns.match(_join(rel, n), n, e.kind == DIR)}
+        # A replica entry is left alone when its path is excluded and the
+        # source does not want that name (as a kind the pattern allows).
+        excluded |= {n for n, e in dst.items()
+                     if n not in src and patterns.match(_join(rel, n), n, e.kind == DIR)}
+        if excluded:
+            src = {n: e for n, e in src.items() if n not in excluded}
+            if not options.delete_excluded:
+                dst = {n: e for n, e in dst.items() if n not in excluded}
+    empty = not _real(src)
+    if is_root and not options.allow_empty_source and empty and _real(dst):
+        return _Plan(len(src), "SOURCE is empty but REPLICA is not: refusing to delete everything in "
+                               "REPLICA (an unmounted drive looks like this); nothing was changed.",
+                     [], [], {}, dst, set(), [], [], [], empty)
+    failed = [(name, "read", err) for name, err in listing.unreadable]
+    failed += [(name, "examine replica entry", err) for name, err in listing.dst_unreadable]
+    keep = {name for name, _, _ in failed}  # names whose replica entry must not be touched
+    wanted, skipped = {}, []
+    for name, entry in src.items():
+        if _TEMP_NAME.match(name):
+            continue  # another sync.py's half-written file, not user data
+        if entry.kind == SPECIAL:
+            skipped.append((name, _special_kind(entry.st.st_mode)))
+            continue
+        wanted[name] = entry
+    unwanted = sorted(n for n, have in dst.items() if n not in keep
+                      and ((want := wanted.get(n)) is None or want.kind != have.kind))
+    moves = []
+    if unwanted and replica_exists:
+        gone = {n: dst[n] for n in unwanted if n not in wanted and not _is_temp(n, dst[n])}
+        new = {n: e for n, e in wanted.items() if n not in dst and n not in keep}
+        moves = _match_moves(gone, new)
+    # An empty SOURCE allowed to be empty may empty REPLICA: that is what it asks for.
+    doomed = []
+    if unwanted and not (is_root and options.allow_empty_source and empty):
+        moving = {old for old, _ in moves}
+        doomed = [n for n in unwanted if n not in moving and not _is_temp(n, dst[n])]
+    return _Plan(len(src), "", failed, skipped, wanted, dict(dst), keep, unwanted, moves, doomed, empty)
+
+
+class _Step(NamedTuple):
+    """One thing a wanted entry needs, as _steps decided it."""
+
+    kind: str  # "copy", "update", "compare", "chmod", "link", "relink", "mkdir" or "enter"
+    name: str
+    want: Entry  # the source entry
+    have: Optional[Entry]  # the replica entry, if any
+    mode: int = 0  # for "chmod": the permission bits the replica file gets
+
+
+_FILE_STEPS = frozenset({"copy", "update", "compare", "chmod"})
+
+
+def _steps(wanted: dict, dst: dict, keep: set, checksum: bool, window: int, times: Times) -> list:
+    """What each wanted entry needs, in name order, once the walk has
+    carried out the moves and removals (dst as they left it).  A file is
+    current when its size and mtime equal the replica's (as REPLICA's file
+    system stores times, within window); checksum: then also compared by
+    its bytes ("compare")."""
+    steps = []
+    fit = None if times.exact else times.fit
+    for name in sorted(wanted):
+        want, have = wanted[name], dst.get(name)
+        if name in keep:
+            continue
+        kind = want.kind
+        if kind == FILE:
+            if have is None:
+                steps.append(_Step("copy", name, want, None))
+                continue
+            # The no-change test, inline: it runs for nearly every file of most passes.
+            ws, hs = want.st, have.st
+            if not (ws.st_size == hs.st_size
+                    and abs((fit(ws.st_mtime_ns) if fit else ws.st_mtime_ns) - hs.st_mtime_ns) <= window):
+                steps.append(_Step("update", name, want, have))
+            elif checksum:
+                steps.append(_Step("compare", name, want, have))
+            elif ws.st_mode != hs.st_mode:
+                mode = _mirrored_mode(ws, hs)
+                if mode != stat.S_IMODE(hs.st_mode):
+                    steps.append(_Step("chmod", name, want, have, mode))
+        elif kind == LINK:
+            if have is None:
+                steps.append(_Step("link", name, want, None))
+            elif have.target != want.target:
+                steps.append(_Step("relink", name, want, have))
+        else:
+            steps.append(_Step("mkdir" if have is None else "enter", name, want, have))
+    return steps
 
 
 # ----------------------------------------------------------------- one pass --
@@ -1294,56 +1417,28 @@ class _Pass:
         Returns None (and leaves the replica side untouched) when either side
         cannot be opened or listed, or a safety check refuses the folder.
         """
-        rel = frame.rel
+        rel, options = frame.rel, self.options
         listing = _list_pair(frame)
         if listing.failure:
             # An unlistable source directory must not look empty: touch nothing.
             self.close(frame)
             self.fail(rel, *listing.failure)
             return None
-        src, dst = listing.src, listing.dst
-        excluded = self.excluded(rel, src, dst)
-        if excluded:
-            src = {n: e for n, e in src.items() if n not in excluded}
-            if not self.options.delete_excluded:
-                dst = {n: e for n, e in dst.items() if n not in excluded}
-        self.result.checked += len(src)
+        plan = _sort_out(listing, options, frame.parent is None, frame.dd is not None)
+        self.result.checked += plan.checked
         if self.progress is not None:
             self.progress(self.result.checked)
-
-        if frame.parent is None and not self.options.allow_empty_source and _looks_unmounted(src, dst):
+        if plan.refusal:
             self.close(frame)
-            self.refuse("", "SOURCE is empty but REPLICA is not: refusing to delete everything in "
-                            "REPLICA (an unmounted drive looks like this); nothing was changed.",
-                        advice="allow_empty_source")
+            self.refuse("", plan.refusal, "allow_empty_source")
             return None
-
-        keep = set()  # names whose replica entry must not be touched this pass
-        for name, err in listing.unreadable:
-            self.fail(_join(rel, name), "read", err)
-            keep.add(name)
-        for name, err in listing.dst_unreadable:
-            self.fail(_join(rel, name), "examine replica entry", err)
-            keep.add(name)
-        wanted = {}
-        for name, entry in src.items():
-            if _TEMP_NAME.match(name):
-                continue  # another sync.py's half-written file, not user data
-            if entry.kind == SPECIAL:
-                self.emit("skip", _join(rel, name), _special_kind(entry.st.st_mode))
-                continue
-            wanted[name] = entry
-
-        # Replica entries the source no longer has (or has as another kind).
-        unwanted = [n for n, have in dst.items() if n not in keep
-                    and ((want := wanted.get(n)) is None or want.kind != have.kind)]
-        moves = self.move_candidates(frame, wanted, dst, keep, unwanted) if unwanted else []
-        # An empty SOURCE allowed to be empty may empty REPLICA: that is what it asks for.
-        emptied = frame.parent is None and self.options.allow_empty_source and not _real(src)
-        if unwanted and self.guarded and not emptied:
-            moving = {old for old, _ in moves}
-            doomed = [n for n in unwanted if n not in moving and not _is_temp(n, dst[n])]
-            refusal = doomed and self.mass_deletion(frame, src, dst, doomed)
+        for name, what, err in plan.failed:
+            self.fail(_join(rel, name), what, err)
+        for name, kind in plan.skipped:
+            self.emit("skip", _join(rel, name), kind)
+        dst, keep = plan.dst, plan.keep
+        if plan.doomed and self.guarded:
+            refusal = self.mass_deletion(frame, plan.empty, dst, plan.doomed)
             if refusal:
                 self.close(frame)
                 self.refuse(rel, refusal, "allow_mass_delete")
@@ -1351,9 +1446,8 @@ class _Pass:
         if not self.restrict(frame):  # the first change to this folder: before any other
             self.close(frame)
             return None
-        moved = self.sync_moves(frame, moves, wanted, dst)
-
-        for name in sorted(unwanted):
+        moved = self.sync_moves(frame, plan.moves, plan.wanted, dst)
+        for name in plan.unwanted:
             if name not in dst:
                 continue  # moved to its new name
             if self.stopping():
@@ -1364,29 +1458,14 @@ class _Pass:
                 keep.add(name)
 
         children, pending = [], []
-        checksum, window = self.options.checksum or frame.verify, self.options.modify_window_ns
-        fit = self.times.fit if self.times.step > 1 else None  # range limits: see sync_file
-        for name in sorted(wanted):
-            want, have = wanted[name], dst.get(name)
-            if want.kind == FILE:
-                # The no-change path, inline: it runs for nearly every file of most passes.
-                if (have is not None and have.kind == FILE and not checksum
-                        and want.st.st_size == have.st.st_size
-                        and abs((fit(want.st.st_mtime_ns) if fit else want.st.st_mtime_ns)
-                                - have.st.st_mtime_ns) <= window
-                        and want.st.st_mode == have.st.st_mode):
-                    continue
-                if name in keep:
-                    continue
-                if self.stopping():
-                    break
-                self.sync_file(frame, name, want, have, pending, checksum)
-                continue
-            if name in keep:
-                continue
+        checksum = options.checksum or frame.verify
+        for step in _steps(plan.wanted, dst, keep, checksum, options.modify_window_ns, self.times):
             if self.stopping():
                 break
-            if want.kind == LINK:
+            kind, name, want, have, _ = step
+            if kind in _FILE_STEPS:
+                self.sync_file(frame, step, pending)
+            elif kind in ("link", "relink"):
                 self.sync_link(frame, name, want, have)
             else:
                 child = self.sync_dir(frame, name, want, have, moved.get(name))
@@ -1415,7 +1494,7 @@ class _Pass:
         frame.dst_mode, frame.writable = mode, True
         return True
 
-    def mass_deletion(self, frame: _Frame, src: dict, dst: dict, doomed: list) -> Optional[str]:
+    def mass_deletion(self, frame: _Frame, empty: bool, dst: dict, doomed: list) -> Optional[str]:
         """Why the deletions planned in this folder must not happen, if they
         must not: they would remove more than MASS_DELETE_FLOOR entries and
         either the source folder is empty (below the root: a drive that is not
@@ -1425,7 +1504,7 @@ class _Pass:
         if self.count_doomed(frame, dst, doomed, floor + 1) <= floor:
             return None
         count = self.count_doomed(frame, dst, doomed, 1 << 62)
-        if frame.parent is not None and not _real(src):
+        if frame.parent is not None and empty:
             return (f"the source folder is empty, but the replica folder holds {count:,} entries: "
                     "a drive that is not mounted looks like this, so nothing in it was changed.")
         if self.replica_total is None:
@@ -1452,18 +1531,6 @@ class _Pass:
             if count >= cap:
                 break
         return count
-
-    def excluded(self, rel: str, src: dict, dst: dict) -> set:
-        """Names in this directory that --exclude leaves out of the mirror."""
-        patterns = self.options.excludes
-        if not patterns:
-            return set()
-        found = {n for n, e in src.items() if patterns.match(_join(rel, n), n, e.kind == DIR)}
-        # A replica entry is left alone when its path is excluded and the
-        # source does not want that name (as a kind the pattern allows).
-        found |= {n for n, e in dst.items()
-                  if n not in src and patterns.match(_join(rel, n), n, e.kind == DIR)}
-        return found
 
     def finish(self, frame: _Frame) -> None:
         """Give a replica directory the source's permission bits and mtime."""
@@ -1556,15 +1623,14 @@ class _Pass:
             self.emit("move", rel, _join(frame.rel, old))
         return moved
 
-    def sync_file(self, frame, name, want: Entry, have: Optional[Entry], pending: list,
-                  checksum: bool) -> None:
-        """Bring one file up to date now, or queue the work on pending."""
+    def sync_file(self, frame, step: _Step, pending: list) -> None:
+        """Carry out one file step now, or queue its slow part on pending."""
+        kind, name, want, have, mode = step
         rel = _join(frame.rel, name)
-        same_signature = have is not None and _same_signature(
-            want.st, have.st, self.options.modify_window_ns, self.times)
-        if same_signature and not checksum:
-            self.sync_mode(frame, name, rel, want, have)
+        if kind == "chmod":
+            self.sync_mode(frame, name, rel, have, mode)
             return
+        same_signature = kind == "compare"
         trash = bool(self.options.trash) and have is not None
         if not same_signature and self.options.dry_run:
             frame.changed = True
@@ -1588,7 +1654,9 @@ class _Pass:
         for name, rel, want, have, job in pending:
             outcome, *details = job.result()
             if outcome == "same":
-                self.sync_mode(frame, name, rel, want, have)
+                mode = _mirrored_mode(want.st, have.st)
+                if mode != stat.S_IMODE(have.st.st_mode):
+                    self.sync_mode(frame, name, rel, have, mode)
             elif outcome == "differs":  # --checksum found other bytes; nothing copied yet
                 frame.changed = True
                 if self.options.trash and not self.to_trash(frame, name, rel, keep=True):
@@ -1693,13 +1761,8 @@ class _Pass:
             os.utime(dd, ns=(src_dir.st_atime_ns, src_dir.st_mtime_ns))
         return outcome, details
 
-    def sync_mode(self, frame, name, rel, want: Entry, have: Entry) -> None:
-        """Contents are current: set the permission bits if they differ."""
-        mode = stat.S_IMODE(want.st.st_mode)
-        if mode & _SET_ID:
-            mode = _mirrored_mode(want.st, have.st)
-        if stat.S_IMODE(have.st.st_mode) == mode:
-            return
+    def sync_mode(self, frame, name, rel, have: Entry, mode: int) -> None:
+        """Contents are current: give the replica file these permission bits."""
         if have.st.st_nlink > 1:
             # A second hard link could reach outside the replica: replace the file instead.
             if not self.options.dry_run and self.prepare(frame):
@@ -2041,11 +2104,6 @@ def _is_temp(name: str, entry: Entry) -> bool:
 def _real(entries: dict) -> bool:
     """Whether a listing holds anything but temporary files."""
     return any(not _is_temp(name, entry) for name, entry in entries.items())
-
-
-def _looks_unmounted(src: dict, dst: dict) -> bool:
-    """An empty SOURCE root beside a non-empty REPLICA root."""
-    return not _real(src) and _real(dst)
 
 
 def _special_kind(mode: int) -> str:
