@@ -1,0 +1,112 @@
+"""The planner alone: decisions from two listings, with no tree on disk."""
+
+import os
+
+import sync
+from sync import DIR, FILE, LINK, SPECIAL, Entry, Options, Times, _Listing, _sort_out, _steps
+
+T = 1_600_000_000_123_456_789  # an mtime with a sub-second part
+
+
+def st(size=1, mtime=T, mode=0o100644, uid=0, gid=0):
+    return os.stat_result((mode, 1, 1, 1, uid, gid, size, 0, 0, 0, 0, 0, 0, mtime, mtime, mtime))
+
+
+def f(size=1, mtime=T, mode=0o100644, **kw):
+    return Entry(FILE, st(size, mtime, mode, **kw))
+
+
+def d(mtime=T, mode=0o40755):
+    return Entry(DIR, st(4096, mtime, mode))
+
+
+def link(target):
+    return Entry(LINK, None, target)
+
+
+def listing(src, dst, rel="", unreadable=(), dst_unreadable=()):
+    return _Listing(rel, src, list(unreadable), dst, list(dst_unreadable))
+
+
+def kinds(steps):
+    return [(s.kind, s.name) for s in steps]
+
+
+def test_what_is_wanted_what_goes_and_what_is_skipped():
+    fifo = Entry(SPECIAL, st(mode=0o10644))
+    plan = _sort_out(listing(
+        {"a": f(), "b": d(), ".syncpy-0123456789abcdef.tmp": f(), "pipe": fifo, "kind": d()},
+        {"a": f(), "old": f(5, T + 7), "kind": f(), ".syncpy-0000000000000000.tmp": f()}),
+        Options(), is_root=False, replica_exists=True)
+    assert sorted(plan.wanted) == ["a", "b", "kind"]
+    assert plan.skipped == [("pipe", "FIFO")]
+    assert plan.unwanted == [".syncpy-0000000000000000.tmp", "kind", "old"]
+    assert plan.doomed == ["kind", "old"], "temporary files are not counted by the guards"
+    assert plan.checked == 5 and plan.refusal == "" and not plan.empty
+
+
+def test_unreadable_entries_are_reported_and_their_replica_entries_kept():
+    err = PermissionError(13, "Permission denied")
+    plan = _sort_out(listing({"ok": f()}, {"secret": f(), "gone": f()}, unreadable=[("secret", err)],
+                             dst_unreadable=[("x", err)]), Options(), False, True)
+    assert plan.failed == [("secret", "read", err), ("x", "examine replica entry", err)]
+    assert plan.keep == {"secret", "x"} and plan.unwanted == ["gone"]
+
+
+def test_excludes_leave_both_sides_alone_unless_delete_excluded():
+    src = {"keep.txt": f(), "a.tmp": f(), "cache": d()}
+    dst = {"a.tmp": f(2), "b.tmp": f(), "cache": d(), "stale": f()}
+    excludes = sync.Excludes(["*.tmp", "cache/"])
+    plan = _sort_out(listing(src, dst, rel="x"), Options(excludes=excludes), False, True)
+    assert sorted(plan.wanted) == ["keep.txt"] and plan.unwanted == ["stale"] and plan.checked == 1
+    plan = _sort_out(listing(src, dst), Options(excludes=excludes, delete_excluded=True), False, True)
+    assert plan.unwanted == ["a.tmp", "b.tmp", "cache", "stale"]
+
+
+def test_renames_are_matched_only_on_unique_signatures_with_subsecond_times():
+    src = {"new": f(10, T + 1), "newdir": d(T + 2), "whole": f(10, 1_600_000_000 * 10**9), "twin1": f(3, T + 3),
+           "twin2": f(3, T + 3)}
+    dst = {"old": f(10, T + 1), "olddir": d(T + 2), "whole0": f(10, 1_600_000_000 * 10**9), "t": f(3, T + 3)}
+    plan = _sort_out(listing(src, dst), Options(), False, True)
+    assert plan.moves == [("old", "new"), ("olddir", "newdir")]
+    assert plan.doomed == ["t", "whole0"]
+    assert _sort_out(listing(src, dst), Options(), False, replica_exists=False).moves == []
+
+
+def test_an_empty_source_root_beside_a_full_replica_is_refused_unless_allowed():
+    temp = {".syncpy-0123456789abcdef.tmp": f()}
+    plan = _sort_out(listing(temp, {"data": f()}), Options(), is_root=True, replica_exists=True)
+    assert plan.refusal.startswith("SOURCE is empty but REPLICA is not") and plan.unwanted == []
+    assert _sort_out(listing({}, {"data": f()}), Options(), is_root=False, replica_exists=True).refusal == ""
+    allowed = _sort_out(listing({}, {"data": f()}), Options(allow_empty_source=True), True, True)
+    assert allowed.refusal == "" and allowed.unwanted == ["data"] and allowed.doomed == []
+    assert _sort_out(listing({}, temp), Options(), True, True).refusal == "", "temporary files are not data"
+
+
+def test_steps_for_files():
+    wanted = {"new": f(), "bigger": f(2), "newer": f(1, T + 1), "same": f(), "mode": f(mode=0o100600),
+              "setuid": f(mode=0o104755, uid=1000), "kept": f(9)}
+    dst = {"bigger": f(), "newer": f(), "same": f(), "mode": f(), "setuid": f(mode=0o100755), "kept": f()}
+    steps = _steps(wanted, dst, {"kept"}, False, 0, Times())
+    assert kinds(steps) == [("update", "bigger"), ("chmod", "mode"), ("copy", "new"), ("update", "newer")]
+    assert steps[1].mode == 0o600
+    assert kinds(_steps(wanted, dst, set(), True, 0, Times())) == [
+        ("update", "bigger"), ("update", "kept"), ("compare", "mode"), ("copy", "new"), ("update", "newer"),
+        ("compare", "same"), ("compare", "setuid")]
+    within = _steps(wanted, dst, {"kept"}, False, 1, Times())
+    assert ("update", "newer") not in kinds(within), "a 1 ns difference inside the window"
+
+
+def test_steps_compare_times_as_the_replica_stores_them():
+    wanted = {"a": f(1, 1_600_000_001_999_999_999), "far": f(1, 253_402_300_799 * 10**9)}
+    dst = {"a": f(1, 1_600_000_000_000_000_000), "far": f(1, 2**31 * 10**9 - 10**9)}
+    fat = Times(2_000_000_000, "down", None, 2**31 * 10**9 - 10**9)
+    assert kinds(_steps(wanted, dst, set(), False, 0, fat)) == []
+    assert kinds(_steps(wanted, dst, set(), False, 0, Times())) == [("update", "a"), ("update", "far")]
+
+
+def test_steps_for_links_and_folders():
+    wanted = {"l1": link("t"), "l2": link("u"), "l3": link("v"), "d1": d(), "d2": d()}
+    dst = {"l2": link("u"), "l3": link("old"), "d2": d(T + 5)}
+    assert kinds(_steps(wanted, dst, set(), False, 0, Times())) == [
+        ("mkdir", "d1"), ("enter", "d2"), ("link", "l1"), ("relink", "l3")]
