@@ -1636,7 +1636,8 @@ class _Pass:
             frame.changed = True
             if trash:
                 self.to_trash(frame, name, rel, keep=True)
-            self.emit("copy" if have is None else "update", rel, str(want.st.st_size))
+            # Reported with the real copies, in settle(): the same order as a real pass.
+            pending.append((name, rel, want, have, _Done(("planned", want.st.st_size))))
             return
         if not self.options.dry_run and not self.prepare(frame):
             return
@@ -1679,6 +1680,8 @@ class _Pass:
             if not stable:
                 self.emit("changed", rel)
             self.note_time(rel, mtime_ns)
+        elif outcome == "planned":  # a dry run's copy
+            self.emit("copy" if new else "update", rel, str(details[0]))
         elif outcome == "vanished":
             self.emit("vanished", rel)
         elif outcome == "not regular":

@@ -105,15 +105,57 @@ class Source:
                 os.utime(full, ns=(t, t))
 
 
-@settings(max_examples=int(os.environ.get("SYNCPY_PROPERTY_EXAMPLES", "75")), deadline=None,
-          suppress_health_check=[HealthCheck.too_slow])
-@given(batches=st.lists(st.lists(OPERATIONS, min_size=1, max_size=5), min_size=1, max_size=6),
-       checksum=st.booleans(), workers=st.sampled_from([1, 3]))
-def test_replica_equals_source_after_every_pass(batches, checksum, workers):
-    # With workers, even these tiny trees are split among worker processes
-    # and every copy goes through the large-file threads.
+EXAMPLES = int(os.environ.get("SYNCPY_PROPERTY_EXAMPLES", "75"))
+BATCHES = st.lists(st.lists(OPERATIONS, min_size=1, max_size=5), min_size=1, max_size=6)
+WINDOW = 2_000_000_000  # --modify-window 2, as for FAT
+# Option sets, drawn together: excludes leave out every entry named "c";
+# a window is only drawn with checksum (without it, a same-size rewrite
+# within the window is, by design, not copied).
+OPTIONS = st.fixed_dictionaries({
+    "checksum": st.booleans(), "workers": st.sampled_from([1, 3]), "trash": st.booleans(),
+    "exclude": st.booleans(), "window": st.booleans(),
+})
+
+
+def make_options(scratch, drawn, **more):
+    return sync.Options(checksum=drawn["checksum"] or drawn["window"], workers=drawn["workers"],
+                        trash=os.path.join(scratch, "trash") if drawn["trash"] else None,
+                        excludes=sync.Excludes(["c"]) if drawn["exclude"] else None,
+                        modify_window_ns=WINDOW if drawn["window"] else 0,
+                        allow_empty_source=True, **more)  # sources may empty here
+
+
+def fan_out_everything(workers):
+    """With workers, even these tiny trees are split among worker processes
+    and every copy goes through the large-file threads."""
     split = mock.patch.object(sync, "SPLIT_MIN_TASKS", 0 if workers > 1 else sync.SPLIT_MIN_TASKS)
     threads = mock.patch.object(sync, "PARALLEL_MIN_SIZE", 0 if workers > 1 else sync.PARALLEL_MIN_SIZE)
+    return split, threads
+
+
+def mirrored(tree: dict, drawn) -> dict:
+    """What REPLICA must hold for a SOURCE snapshot: excluded paths left
+    out; with a window, mtimes only as exact as the window."""
+    view = {}
+    for rel, value in tree.items():
+        if drawn["exclude"] and b"c" in rel.split(b"/"):
+            continue
+        if drawn["window"] and value[0] in ("file", "dir"):
+            value = (*value[:-1], "within the window")
+        view[rel] = value
+    return view
+
+
+def assert_within_window(src_tree, dst_tree):
+    for rel, value in src_tree.items():
+        if value[0] in ("file", "dir") and rel in dst_tree:
+            assert abs(value[-1] - dst_tree[rel][-1]) <= WINDOW, rel
+
+
+@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(batches=BATCHES, drawn=OPTIONS)
+def test_replica_equals_source_after_every_pass(batches, drawn):
+    split, threads = fan_out_everything(drawn["workers"])
     with split, threads, tempfile.TemporaryDirectory() as scratch:
         src, dst = os.path.join(scratch, "src"), os.path.join(scratch, "dst")
         os.mkdir(src)
@@ -122,11 +164,39 @@ def test_replica_equals_source_after_every_pass(batches, checksum, workers):
             for op in batch:
                 source.apply(op)
             before = snapshot(src)
-            options = sync.Options(checksum=checksum, workers=workers,
-                                   allow_empty_source=True)  # sources may empty here
-            result = sync.run_pass(src, dst, options)
+            result = sync.run_pass(src, dst, make_options(scratch, drawn))
             assert result.errors == 0 and result.exact
             assert snapshot(src) == before, "SOURCE changed"
-            differences = diff(before, snapshot(dst))
+            after = snapshot(dst)
+            differences = diff(mirrored(before, drawn), mirrored(after, drawn))
             assert not differences, differences
+            assert_within_window(before, after)
             assert not [n for n in os.listdir(dst) if n.startswith(".syncpy-")]
+
+
+def comparable(events):
+    """Events as a dry run and a real pass can both know them: the trash
+    folder's name is the time of the pass."""
+    return [e._replace(detail=e.detail.split("/", 1)[1]) if e.action == "trash" else e for e in events]
+
+
+@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(batches=BATCHES, drawn=OPTIONS)
+def test_a_dry_run_reports_exactly_what_the_next_pass_does(batches, drawn):
+    split, threads = fan_out_everything(drawn["workers"])
+    with split, threads, tempfile.TemporaryDirectory() as scratch:
+        src, dst = os.path.join(scratch, "src"), os.path.join(scratch, "dst")
+        os.mkdir(src)
+        os.mkdir(dst)
+        source = Source(src)
+        for batch in batches:
+            for op in batch:
+                source.apply(op)
+            replica = snapshot(dst)
+            would, did = [], []
+            dry = sync.run_pass(src, dst, make_options(scratch, drawn, dry_run=True), would.append)
+            assert snapshot(dst) == replica, "the dry run changed REPLICA"
+            real = sync.run_pass(src, dst, make_options(scratch, drawn), did.append)
+            assert real.exact
+            assert comparable(would) == comparable(did)
+            assert (dry.counts, dry.checked, dry.errors) == (real.counts, real.checked, real.errors)
