@@ -152,26 +152,34 @@ def assert_within_window(src_tree, dst_tree):
             assert abs(value[-1] - dst_tree[rel][-1]) <= WINDOW, rel
 
 
-@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(batches=BATCHES, drawn=OPTIONS)
-def test_replica_equals_source_after_every_pass(batches, drawn):
+def source_changes(batches, drawn):
+    """Apply each batch of operations to a fresh SOURCE; yield (scratch
+    folder, SOURCE, REPLICA) after each, with the drawn fan-out in force."""
     split, threads = fan_out_everything(drawn["workers"])
     with split, threads, tempfile.TemporaryDirectory() as scratch:
         src, dst = os.path.join(scratch, "src"), os.path.join(scratch, "dst")
         os.mkdir(src)
+        os.mkdir(dst)
         source = Source(src)
         for batch in batches:
             for op in batch:
                 source.apply(op)
-            before = snapshot(src)
-            result = sync.run_pass(src, dst, make_options(scratch, drawn))
-            assert result.errors == 0 and result.exact
-            assert snapshot(src) == before, "SOURCE changed"
-            after = snapshot(dst)
-            differences = diff(mirrored(before, drawn), mirrored(after, drawn))
-            assert not differences, differences
-            assert_within_window(before, after)
-            assert not [n for n in os.listdir(dst) if n.startswith(".syncpy-")]
+            yield scratch, src, dst
+
+
+@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(batches=BATCHES, drawn=OPTIONS)
+def test_replica_equals_source_after_every_pass(batches, drawn):
+    for scratch, src, dst in source_changes(batches, drawn):
+        before = snapshot(src)
+        result = sync.run_pass(src, dst, make_options(scratch, drawn))
+        assert result.errors == 0 and result.exact
+        assert snapshot(src) == before, "SOURCE changed"
+        after = snapshot(dst)
+        differences = diff(mirrored(before, drawn), mirrored(after, drawn))
+        assert not differences, differences
+        assert_within_window(before, after)
+        assert not [n for n in os.listdir(dst) if n.startswith(".syncpy-")]
 
 
 def comparable(events):
@@ -183,20 +191,12 @@ def comparable(events):
 @settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(batches=BATCHES, drawn=OPTIONS)
 def test_a_dry_run_reports_exactly_what_the_next_pass_does(batches, drawn):
-    split, threads = fan_out_everything(drawn["workers"])
-    with split, threads, tempfile.TemporaryDirectory() as scratch:
-        src, dst = os.path.join(scratch, "src"), os.path.join(scratch, "dst")
-        os.mkdir(src)
-        os.mkdir(dst)
-        source = Source(src)
-        for batch in batches:
-            for op in batch:
-                source.apply(op)
-            replica = snapshot(dst)
-            would, did = [], []
-            dry = sync.run_pass(src, dst, make_options(scratch, drawn, dry_run=True), would.append)
-            assert snapshot(dst) == replica, "the dry run changed REPLICA"
-            real = sync.run_pass(src, dst, make_options(scratch, drawn), did.append)
-            assert real.exact
-            assert comparable(would) == comparable(did)
-            assert (dry.counts, dry.checked, dry.errors) == (real.counts, real.checked, real.errors)
+    for scratch, src, dst in source_changes(batches, drawn):
+        replica = snapshot(dst)
+        would, did = [], []
+        dry = sync.run_pass(src, dst, make_options(scratch, drawn, dry_run=True), would.append)
+        assert snapshot(dst) == replica, "the dry run changed REPLICA"
+        real = sync.run_pass(src, dst, make_options(scratch, drawn), did.append)
+        assert real.exact
+        assert comparable(would) == comparable(did)
+        assert (dry.counts, dry.checked, dry.errors) == (real.counts, real.checked, real.errors)
