@@ -119,7 +119,7 @@ COPY_CHUNK = 1 << 20  # bytes per read for the buffered copy
 COMPARE_CHUNK = 128 << 10
 # The default guard against mass deletion: a folder whose deletions would
 # remove more than this many entries, and more than half of REPLICA's, is
-# left alone (see _Pass.mass_deletion).
+# left alone (see _Walk.mass_deletion).
 MASS_DELETE_FLOOR = 100
 # Files that failed for lack of space while other copies were running are
 # retried once at the end of the pass; at most this many are remembered.
@@ -938,38 +938,6 @@ def _list_pair(frame) -> _Listing:
     return _Listing(frame.rel, src, unreadable, dst, dst_unreadable)
 
 
-def _file_job(sd, dd, name, compare_first: bool, copy: bool, should_stop, abort) -> tuple:
-    """The slow part of bringing one file up to date; runs in a worker thread.
-
-    Returns ("same",) when compare_first found equal contents, ("differs",)
-    when it found other contents and copy is False, ("copied", bytes, stable),
-    or ("vanished",), ("not regular",), ("stopped",), ("failed", what, OSError).
-    abort() abandons a comparison or copy mid-file: ("stopped",).
-    """
-    if should_stop():
-        return ("stopped",)
-    if compare_first:
-        try:
-            if _same_contents(sd, dd, name, abort=abort):
-                return ("same",)
-        except _Aborted:
-            return ("stopped",)
-        except OSError as err:
-            return ("failed", "compare contents", err)
-        if not copy:
-            return ("differs",)
-    try:
-        return ("copied", *_copy_file(sd, dd, name, abort))
-    except _Aborted:
-        return ("stopped",)
-    except _Vanished:
-        return ("vanished",)
-    except _NotRegular:
-        return ("not regular",)
-    except OSError as err:
-        return ("failed", "copy file", err)
-
-
 def _match_moves(gone: dict, new: dict):
     """Pairs (old name, new name) of one directory's entries that were renamed.
 
@@ -1004,17 +972,135 @@ def _match_moves(gone: dict, new: dict):
     return sorted((olds[k], name) for k, name in unique(new).items() if k in olds)
 
 
-class _Done:
-    """A result that is already there, answering like a Future (a real Future
-    per small file costs more than copying it on tmpfs)."""
+def _join(rel: str, name: str) -> str:
+    return f"{rel}/{name}" if rel else name
 
-    __slots__ = ("value",)
 
-    def __init__(self, value):
-        self.value = value
+def _reason(err: BaseException) -> str:
+    if isinstance(err, OSError) and err.strerror:
+        code = errno.errorcode.get(err.errno)
+        return f"{err.strerror} ({code})" if code else err.strerror
+    return str(err) or type(err).__name__
 
-    def result(self):
-        return self.value
+
+def _dup(handle):
+    """A second handle on the same directory, to be closed on its own."""
+    return os.dup(handle) if _DIR_FD else handle
+
+
+def _count_inside(d, cap: int) -> int:
+    """How many entries lie below directory handle d, counted by name only
+    (no stat; links are not followed) and at most cap.  What cannot be
+    listed counts as empty: the count is for a guard, never for a decision
+    to delete."""
+    total = 0
+    stack = [(d, False, None)]  # (handle, opened here, names of subfolders left to visit)
+    try:
+        while stack and total < cap:
+            handle, owned, pending = stack[-1]
+            if pending is None:
+                pending = []
+                try:
+                    with os.scandir(handle) as listing:
+                        for item in listing:
+                            total += 1
+                            if item.is_dir(follow_symlinks=False):
+                                pending.append(item.name)
+                except OSError:
+                    pass
+                stack[-1] = (handle, owned, pending)
+            if pending:
+                try:
+                    stack.append((_open_dir(handle, pending.pop()), True, None))
+                except OSError:
+                    pass
+                continue
+            stack.pop()
+            if owned:
+                _close_dir(handle)
+    finally:
+        for handle, owned, _ in stack:
+            if owned:
+                _close_dir(handle)
+    return min(total, cap)
+
+
+_NO_SPACE = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
+
+
+def _rename_read_only_dir(dd, name, folder) -> None:
+    """Move a read-only directory NAME of dd into folder.  Moving a directory
+    to another parent rewrites its ".." entry, which needs write permission
+    on the directory itself even for its owner: it gets u+w for the move and
+    its own mode back afterwards (as Go's module cache and other 0555 trees
+    need)."""
+    handle = _open_dir(dd, name)
+    try:
+        mode = stat.S_IMODE(os.stat(handle).st_mode)
+        os.chmod(handle, mode | stat.S_IWUSR)
+        try:
+            path, fd = _at(dd, name)
+            target, tfd = _at(folder, name)
+            os.rename(path, target, src_dir_fd=fd, dst_dir_fd=tfd)
+        finally:
+            os.chmod(handle, mode)  # wherever it now is: the handle follows it
+    finally:
+        _close_dir(handle)
+
+
+def _has_room(dd, st: os.stat_result) -> bool:
+    """Whether the file system of directory dd has room for a file like st,
+    as far as statvfs tells (where it cannot tell: yes)."""
+    try:
+        room = os.statvfs(dd)
+    except (OSError, AttributeError):
+        return True
+    root = hasattr(os, "geteuid") and os.geteuid() == 0  # may use the reserved blocks
+    free = room.f_frsize * (room.f_bfree if root else room.f_bavail)
+    allocated = getattr(st, "st_blocks", 0) * 512 or st.st_size  # a sparse file needs less
+    return free >= min(st.st_size, allocated)
+
+
+def _holds_newer(d, name, limit: float) -> bool:
+    """Whether anything but a folder below d/NAME has an mtime from limit on."""
+    stack = [_open_dir(d, name)]
+    try:
+        while stack:
+            handle = stack.pop()
+            try:
+                entries = _scan(handle)[0]
+                for child, entry in entries.items():
+                    if entry.kind == DIR:
+                        stack.append(_open_dir(handle, child))
+                    elif entry.st is not None and entry.st.st_mtime >= limit:
+                        return True
+            finally:
+                _close_dir(handle)
+    finally:
+        for handle in stack:
+            _close_dir(handle)
+    return False
+
+
+def _is_temp(name: str, entry: Entry) -> bool:
+    return entry.kind == FILE and bool(_TEMP_NAME.match(name))
+
+
+def _real(entries: dict) -> bool:
+    """Whether a listing holds anything but temporary files."""
+    return any(not _is_temp(name, entry) for name, entry in entries.items())
+
+
+def _special_kind(mode: int) -> str:
+    if stat.S_ISFIFO(mode):
+        return "FIFO"
+    if stat.S_ISSOCK(mode):
+        return "socket"
+    if stat.S_ISCHR(mode):
+        return "character device"
+    if stat.S_ISBLK(mode):
+        return "block device"
+    return "special file"
 
 
 # -------------------------------------------------------------- the planner --
@@ -1138,7 +1224,291 @@ def _steps(wanted: dict, dst: dict, keep: set, checksum: bool, window: int, time
     return steps
 
 
-# ----------------------------------------------------------------- one pass --
+# ---------------------------------------------------------------- executors --
+#
+# The walk decides and reports; an executor carries out its changes on
+# REPLICA and says how they went, by what it returns or the OSError it
+# raises, never by reporting.  _Changes is the real one.  _DryRun changes
+# nothing and says that every change went well, so a dry run reports
+# exactly what the real pass would (what only reads, such as the
+# comparisons of checksum and of moved files, happens in both).  The trash
+# is a policy of the executor: with one, what a pass deletes or overwrites
+# is moved (take_to_trash) or hard-linked (keep_in_trash) there instead.
+
+
+class _Outcome(NamedTuple):
+    """What the slow part of a file step did (see _Changes.file_work)."""
+
+    result: str  # "same", "copied", "planned" (dry run), "vanished", "not regular", "stopped", "failed"
+    copied: int = 0  # bytes copied ("planned": that a copy would write)
+    stable: bool = True  # the source kept its size and mtime while it was copied
+    trash: str = ""  # where the old version was kept in the trash first ("": it was not)
+    what: str = ""  # "failed": what could not be done
+    error: Optional[OSError] = None  # "failed": why
+
+
+_STOPPED = _Outcome("stopped")
+
+
+class _Done:
+    """A result that is already there, answering like a Future (a real Future
+    per small file costs more than copying it on tmpfs)."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value):
+        self.value = value
+
+    def result(self):
+        return self.value
+
+
+class _Changes:
+    """The real executor: changes REPLICA (and TRASH) as the walk asks."""
+
+    def __init__(self, options: Options, trash, trash_stamp: str, should_stop, abort):
+        self.trash = trash if options.trash else None  # TRASH's handle, with the trash policy
+        self.trash_stamp = trash_stamp  # this pass's folder in TRASH
+        self.should_stop, self.abort = should_stop, abort
+        self.pool = None  # threads for large files, once one comes
+
+    # -- folders
+
+    def restrict(self, dd, mode: int) -> None:
+        os.chmod(dd, mode)
+
+    def make_writable(self, dd, mode: int) -> int:
+        """Let us add and remove entries in dd; returns its mode now."""
+        return _make_writable(dd, mode)
+
+    def mkdir(self, dd, name) -> None:
+        path, fd = _at(dd, name)
+        os.mkdir(path, 0o700, dir_fd=fd)
+
+    def child_replica(self, dd, name, have: Optional[Entry], moved_from: Optional[str]) -> tuple:
+        """(whether the replica folder of subfolder NAME exists now, the name to open it by)."""
+        return dd is not None, name
+
+    def finish_dir(self, dd, src: os.stat_result, mode_now: int, set_times: bool) -> None:
+        """Give a replica folder the source folder's mode and, set_times, its times."""
+        mode = _mirrored_mode(src, os.stat(dd)) if src.st_mode & _SET_ID else stat.S_IMODE(src.st_mode)
+        if mode_now != mode:
+            os.chmod(dd, mode)
+        if set_times:
+            os.utime(dd, ns=(src.st_atime_ns, src.st_mtime_ns))
+
+    def open_doomed(self, d, name):
+        """Open a replica folder about to be emptied, and make it writable."""
+        handle = _open_dir(d, name)
+        try:
+            _make_writable(handle, stat.S_IMODE(os.stat(handle).st_mode))
+        except BaseException:
+            _close_dir(handle)
+            raise
+        return handle
+
+    def rmdir(self, d, name) -> None:
+        path, fd = _at(d, name)
+        os.rmdir(path, dir_fd=fd)
+
+    # -- entries
+
+    def rename(self, dd, old, new) -> None:
+        old_path, fd = _at(dd, old)
+        new_path, _ = _at(dd, new)
+        os.rename(old_path, new_path, src_dir_fd=fd, dst_dir_fd=fd)
+
+    def make_link(self, dd, name, target: str) -> None:
+        _make_link(dd, name, target)
+
+    def chmod(self, sd, dd, name, have: Entry, mode: int) -> Optional[tuple]:
+        """Give a current replica file new permission bits; returns (what
+        could not be done, OSError) on failure."""
+        if have.st.st_nlink > 1:
+            # A second hard link could reach outside the replica: replace the file instead.
+            outcome = self.copy(sd, dd, name)
+            return (outcome.what, outcome.error) if outcome.result == "failed" else None
+        try:
+            _chmod_file(dd, name, mode, have.st)
+        except OSError as err:
+            return ("set permissions", err)
+        return None
+
+    def unlink(self, d, name) -> None:
+        path, fd = _at(d, name)
+        try:
+            os.unlink(path, dir_fd=fd)
+        except FileNotFoundError:
+            pass  # already gone: that is what we wanted
+
+    # -- the trash policy
+
+    def take_to_trash(self, dd, name, rel: str, have: Entry) -> str:
+        """Move replica entry NAME to TRASH/<pass stamp>/<rel>; returns that place."""
+        folder = self.trash_folder(rel)
+        try:
+            if have.kind == DIR and not have.st.st_mode & stat.S_IWUSR:
+                _rename_read_only_dir(dd, name, folder)
+            else:
+                path, fd = _at(dd, name)
+                target, tfd = _at(folder, name)
+                os.rename(path, target, src_dir_fd=fd, dst_dir_fd=tfd)
+        finally:
+            _close_dir(folder)
+        return f"{self.trash_stamp}/{rel}"
+
+    def keep_in_trash(self, dd, name, rel: str) -> str:
+        """Hard-link replica file NAME, about to be replaced, into the trash."""
+        folder = self.trash_folder(rel)
+        try:
+            path, fd = _at(dd, name)
+            target, tfd = _at(folder, name)
+            os.link(path, target, src_dir_fd=fd, dst_dir_fd=tfd, follow_symlinks=False)
+        finally:
+            _close_dir(folder)
+        return f"{self.trash_stamp}/{rel}"
+
+    def trash_folder(self, rel: str):
+        """Open (creating) the folder of TRASH/<pass stamp> that rel goes into."""
+        d = None
+        try:
+            for part in [self.trash_stamp, *rel.split("/")[:-1]]:
+                parent = self.trash if d is None else d
+                path, fd = _at(parent, part)
+                try:
+                    os.mkdir(path, 0o700, dir_fd=fd)
+                except FileExistsError:
+                    pass  # made by an earlier item (or another worker) of this pass
+                inner = _open_dir(parent, part)
+                if d is not None:
+                    _close_dir(d)
+                d = inner
+        except BaseException:
+            if d is not None:
+                _close_dir(d)
+            raise
+        return d
+
+    def remove_trash_folder(self, remove_tree, name) -> bool:
+        """Prune one pass folder of the trash (remove_tree: the walk's)."""
+        return remove_tree(self.trash, name, name, accounting=False)
+
+    # -- files
+
+    def file_work(self, sd, dd, name, step: "_Step", rel: str) -> _Outcome:
+        """The slow part of a file step; runs in a worker thread for large
+        files.  "compare" compares first and copies only other bytes; with
+        the trash, a file about to be replaced is linked there first."""
+        if self.should_stop():
+            return _STOPPED
+        if step.kind == "compare":
+            try:
+                if _same_contents(sd, dd, name, abort=self.abort):
+                    return _Outcome("same")
+            except _Aborted:
+                return _STOPPED
+            except OSError as err:
+                return _Outcome("failed", what="compare contents", error=err)
+        trash = ""
+        if self.trash is not None and step.have is not None:
+            try:
+                trash = self.keep_in_trash(dd, name, rel)
+            except OSError as err:
+                return _Outcome("failed", what="move the old version to the trash", error=err)
+        return self.copy(sd, dd, name, step.want.st.st_size, trash)
+
+    def copy(self, sd, dd, name, size: int = 0, trash: str = "") -> _Outcome:
+        try:
+            copied, stable = _copy_file(sd, dd, name, self.abort)
+        except _Aborted:
+            return _STOPPED._replace(trash=trash)
+        except _Vanished:
+            return _Outcome("vanished", trash=trash)
+        except _NotRegular:
+            return _Outcome("not regular", trash=trash)
+        except OSError as err:
+            return _Outcome("failed", trash=trash, what="copy file", error=err)
+        return _Outcome("copied", copied, stable, trash)
+
+    def copy_into(self, sd, dd, name) -> _Outcome:
+        """copy() into a replica folder outside the walk: made writable for
+        the copy, then given back its mode and the source folder's mtime."""
+        mode = stat.S_IMODE(os.stat(dd).st_mode)
+        writable = _make_writable(dd, mode)
+        try:
+            return self.copy(sd, dd, name)
+        finally:
+            if writable != mode:
+                os.chmod(dd, mode)
+            src_dir = os.stat(sd)
+            os.utime(dd, ns=(src_dir.st_atime_ns, src_dir.st_mtime_ns))
+
+    def submit(self, large: bool, fn, *args):
+        """Run fn in a thread when the work is large, else here and now."""
+        if large:
+            if self.pool is None:
+                self.pool = ThreadPoolExecutor(LARGE_FILE_THREADS, thread_name_prefix="sync")
+            return self.pool.submit(fn, *args)
+        return _Done(fn(*args))
+
+    def stop_threads(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+            self.pool = None
+
+
+class _DryRun(_Changes):
+    """The dry-run executor: reads as the real one does, changes nothing,
+    and answers as if every change had been made."""
+
+    def restrict(self, dd, mode):
+        pass
+
+    def make_writable(self, dd, mode):
+        return mode
+
+    def mkdir(self, dd, name):
+        pass
+
+    def child_replica(self, dd, name, have, moved_from):
+        # A folder "created" has nothing to list; one "moved" is still under its old name.
+        return dd is not None and have is not None, moved_from or name
+
+    def finish_dir(self, dd, src, mode_now, set_times):
+        pass
+
+    def open_doomed(self, d, name):
+        return _open_dir(d, name)
+
+    def rmdir(self, d, name):
+        pass
+
+    def rename(self, dd, old, new):
+        pass
+
+    def make_link(self, dd, name, target):
+        pass
+
+    def chmod(self, sd, dd, name, have, mode):
+        return None
+
+    def unlink(self, d, name):
+        pass
+
+    def take_to_trash(self, dd, name, rel, have):
+        return f"{self.trash_stamp}/{rel}"
+
+    def keep_in_trash(self, dd, name, rel):
+        return f"{self.trash_stamp}/{rel}"
+
+    def remove_trash_folder(self, remove_tree, name):
+        return True
+
+    def copy(self, sd, dd, name, size=0, trash=""):
+        return _Outcome("planned", size, trash=trash)
+
+
+# ----------------------------------------------------------------- the walk --
 
 
 class _Frame:
@@ -1166,64 +1536,23 @@ class _Frame:
         self.verify = False
 
 
-def _join(rel: str, name: str) -> str:
-    return f"{rel}/{name}" if rel else name
+@dataclass
+class _Doomed:
+    """One folder on remove_tree's stack."""
+
+    parent: object  # handle of the folder that holds it
+    name: str  # its name there
+    rel: str  # its path below the root, for reports
+    handle: object  # its own handle, open while it is on the stack
+    remaining: list  # (name, Entry) still to remove, last first
+    emptied: bool  # False once something inside must stay (then so does the folder)
 
 
-def _reason(err: BaseException) -> str:
-    if isinstance(err, OSError) and err.strerror:
-        code = errno.errorcode.get(err.errno)
-        return f"{err.strerror} ({code})" if code else err.strerror
-    return str(err) or type(err).__name__
-
-
-def _dup(handle):
-    """A second handle on the same directory, to be closed on its own."""
-    return os.dup(handle) if _DIR_FD else handle
-
-
-def _count_inside(d, cap: int) -> int:
-    """How many entries lie below directory handle d, counted by name only
-    (no stat; links are not followed) and at most cap.  What cannot be
-    listed counts as empty: the count is for a guard, never for a decision
-    to delete."""
-    total = 0
-    stack = [(d, False, None)]  # (handle, opened here, names of subfolders left to visit)
-    try:
-        while stack and total < cap:
-            handle, owned, pending = stack[-1]
-            if pending is None:
-                pending = []
-                try:
-                    with os.scandir(handle) as listing:
-                        for item in listing:
-                            total += 1
-                            if item.is_dir(follow_symlinks=False):
-                                pending.append(item.name)
-                except OSError:
-                    pass
-                stack[-1] = (handle, owned, pending)
-            if pending:
-                try:
-                    stack.append((_open_dir(handle, pending.pop()), True, None))
-                except OSError:
-                    pass
-                continue
-            stack.pop()
-            if owned:
-                _close_dir(handle)
-    finally:
-        for handle, owned, _ in stack:
-            if owned:
-                _close_dir(handle)
-    return min(total, cap)
-
-
-_NO_SPACE = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
-
-
-class _Pass:
-    """The state of one pass; see Mirror.run_pass()."""
+class _Walk:
+    """One pass over the tree: the stack of folder pairs, the result, stop
+    requests and the deletion budget.  Each folder pair is planned
+    (_sort_out, _steps), the plan carried out through the executor
+    (self.do), and every outcome reported as an Event.  See Mirror.run_pass."""
 
     def __init__(self, options: Options, report, should_stop, progress=None, abort=lambda: False):
         self.options = options
@@ -1233,12 +1562,12 @@ class _Pass:
         self.progress = progress  # called with the number of entries checked so far
         self.result = PassResult()
         self.deleted = 0  # entries removed (or, in a dry run, that would be), temporary files aside
-        self.pool = None  # worker threads, while run() runs
+        self.do = None  # the executor, while run() runs
         self.roots = None  # the _Roots, while run() runs
         self.protected = frozenset()  # identities no folder inside the trees may have
         self.times = Times()  # how REPLICA stores mtimes (Mirror probes it)
         # The default guard against mass deletion, unless an explicit
-        # --max-delete replaces it or it is turned off.
+        # max_delete replaces it or it is turned off.
         self.guarded = options.max_delete is None and not options.allow_mass_delete
         self.replica_total = None  # entries in REPLICA, counted when the guard first needs it
         self.retries = []  # (folder, name, new, OSError): copies that failed for lack of space
@@ -1268,7 +1597,7 @@ class _Pass:
         self.report(Event("error", rel, message, advice))
 
     def may_delete(self, rel: str) -> bool:
-        """The --max-delete safety net, for a source that changed after the
+        """The max_delete safety net, for a source that changed after the
         pass counted its deletions (see Mirror.run_pass)."""
         limit = self.options.max_delete
         if limit is None or self.deleted < limit:
@@ -1292,10 +1621,16 @@ class _Pass:
                          "seen again through a mount; it was left alone")
         return True
 
-    # -- the walk
+    # -- the stack
+
+    def use(self, roots: "_Roots") -> None:
+        """Work in these roots, through the executor the options call for."""
+        self.roots, self.protected = roots, roots.protected
+        executor = _DryRun if self.options.dry_run else _Changes
+        self.do = executor(self.options, roots.trash, self.trash_stamp, self.stopping, self.abort)
 
     def run(self, roots: "_Roots") -> None:
-        self.roots, self.protected = roots, roots.protected
+        self.use(roots)
         if self.options.trash and self.options.trash_keep_days is not None and roots.trash is not None:
             self.prune_trash()
         sd = _dup(roots.source)
@@ -1308,13 +1643,8 @@ class _Pass:
             else:
                 self.walk(root)
         finally:
-            self.stop_threads()
+            self.do.stop_threads()
         self.retry_copies()
-
-    def stop_threads(self) -> None:
-        if self.pool is not None:
-            self.pool.shutdown(wait=True, cancel_futures=True)
-            self.pool = None
 
     def walk(self, root: _Frame) -> None:
         # Depth first with an explicit stack: (frame, entered).  A directory's
@@ -1335,7 +1665,7 @@ class _Pass:
                 stack.extend((child, False) for child in reversed(children))
         finally:
             if stack:  # left by an exception: no copy thread may still use these folders
-                self.stop_threads()
+                self.do.stop_threads()
             for frame, entered in stack:
                 if entered or frame is root:
                     self.close(frame)
@@ -1348,16 +1678,14 @@ class _Pass:
         try:
             return self.enter(frame)
         except BaseException:
-            self.stop_threads()
+            self.do.stop_threads()
             self.close(frame)
             raise
 
-    # -- the walk split among worker processes
-
     def walk_split(self, root: _Frame) -> None:
         """Walk the top levels here, breadth first, until they hold enough
-        subtrees to keep the workers busy; hand those to worker processes;
-        then finish the top levels, deepest first, once all are done."""
+        subtrees to keep the workers busy; hand those to worker processes
+        (_FanOut); then finish the top levels, deepest first, once all are done."""
         entered, level, tasks = [], [root], []
         completed = False
         try:
@@ -1372,7 +1700,7 @@ class _Pass:
                     break
                 level = tasks
             if len(tasks) > 1 and not self.stopping():
-                self.stop_threads()  # no threads may be running across a fork
+                self.do.stop_threads()  # no threads may be running across a fork
                 _FanOut(self, tasks).run()
             else:
                 for task in tasks:
@@ -1380,19 +1708,19 @@ class _Pass:
             completed = True
         finally:
             if not completed:
-                self.stop_threads()
+                self.do.stop_threads()
             for frame in reversed(entered):
                 if completed:
                     self.finish(frame)
                 else:
                     self.close(frame)
 
-    def worker_pass(self, report, should_stop, abort) -> "_Pass":
-        """A fresh pass for a worker process: its own results and callbacks,
+    def worker_pass(self, report, should_stop, abort) -> "_Walk":
+        """A fresh walk for a worker process: its own results and callbacks,
         this pass's roots, trash folder and knowledge of REPLICA."""
-        work = _Pass(self.options, report, should_stop, None, abort)
-        work.roots, work.protected, work.times = self.roots, self.protected, self.times
-        work.trash_stamp, work.replica_total = self.trash_stamp, self.replica_total
+        work = _Walk(self.options, report, should_stop, None, abort)
+        work.times, work.trash_stamp, work.replica_total = self.times, self.trash_stamp, self.replica_total
+        work.use(self.roots)
         return work
 
     def add(self, share: "_Share") -> None:
@@ -1410,6 +1738,8 @@ class _Pass:
             if d is not None:
                 _close_dir(d)
         frame.sd = frame.dd = None
+
+    # -- one folder pair
 
     def enter(self, frame: _Frame):
         """Mirror one directory's entries; return the subdirectories to walk.
@@ -1462,13 +1792,12 @@ class _Pass:
         for step in _steps(plan.wanted, dst, keep, checksum, options.modify_window_ns, self.times):
             if self.stopping():
                 break
-            kind, name, want, have, _ = step
-            if kind in _FILE_STEPS:
+            if step.kind in _FILE_STEPS:
                 self.sync_file(frame, step, pending)
-            elif kind in ("link", "relink"):
-                self.sync_link(frame, name, want, have)
+            elif step.kind in ("link", "relink"):
+                self.sync_link(frame, step)
             else:
-                child = self.sync_dir(frame, name, want, have, moved.get(name))
+                child = self.sync_dir(frame, step, moved.get(step.name))
                 if child is not None:
                     children.append(child)
         self.settle(frame, pending)
@@ -1480,14 +1809,14 @@ class _Pass:
         into it or below it, so that nothing new is readable through it even
         for a moment (or after a kill); finish() sets its final mode.  False
         (reported) when that is impossible: the folder is then not entered."""
-        if frame.dd is None or self.options.dry_run or frame.dst_mode is None:
+        if frame.dd is None or frame.dst_mode is None:
             return True
         opened = frame.dst_mode & ~stat.S_IMODE(frame.src_st.st_mode) & 0o077
         if not opened:
             return True
         mode = frame.dst_mode & ~opened | stat.S_IRWXU
         try:
-            os.chmod(frame.dd, mode)
+            self.do.restrict(frame.dd, mode)
         except OSError as err:
             self.fail(frame.rel, "restrict the permissions of the replica directory", err)
             return False
@@ -1535,20 +1864,18 @@ class _Pass:
     def finish(self, frame: _Frame) -> None:
         """Give a replica directory the source's permission bits and mtime."""
         try:
-            if frame.dd is None or self.options.dry_run:
+            if frame.dd is None:
                 return
             src = frame.src_st
+            set_times = frame.changed or frame.dst_mtime is None or \
+                abs(frame.dst_mtime - self.times.fit(src.st_mtime_ns)) > self.options.modify_window_ns
             try:
-                mode = _mirrored_mode(src, os.stat(frame.dd)) if src.st_mode & _SET_ID \
-                    else stat.S_IMODE(src.st_mode)
-                if frame.dst_mode != mode:
-                    os.chmod(frame.dd, mode)
-                if frame.changed or frame.dst_mtime is None or \
-                        abs(frame.dst_mtime - self.times.fit(src.st_mtime_ns)) > self.options.modify_window_ns:
-                    os.utime(frame.dd, ns=(src.st_atime_ns, src.st_mtime_ns))
-                    self.note_time(frame.rel, src.st_mtime_ns)
+                self.do.finish_dir(frame.dd, src, frame.dst_mode, set_times)
             except OSError as err:
                 self.fail(frame.rel, "set directory permissions and times", err)
+                return
+            if set_times:
+                self.note_time(frame.rel, src.st_mtime_ns)
         finally:
             self.close(frame)
 
@@ -1559,33 +1886,21 @@ class _Pass:
         if not self.times.keeps(mtime_ns):
             self.emit("clamped", rel, f"{_utc(mtime_ns)} is kept as {_utc(self.times.fit(mtime_ns))}")
 
-    # -- changes inside one replica directory
-
     def prepare(self, frame: _Frame) -> bool:
         """Note that frame's replica directory is about to change; make it writable.
 
         Returns False (after reporting) when that is impossible.
         """
         frame.changed = True
-        if frame.writable or self.options.dry_run or frame.dd is None:
+        if frame.writable or frame.dd is None:
             return True
         try:
-            frame.dst_mode = _make_writable(frame.dd, frame.dst_mode)
+            frame.dst_mode = self.do.make_writable(frame.dd, frame.dst_mode)
         except OSError as err:
             self.fail(frame.rel, "make replica directory writable", err)
             return False
         frame.writable = True
         return True
-
-    def move_candidates(self, frame, wanted: dict, dst: dict, keep: set, unwanted: list) -> list:
-        """Pairs (old, new) of replica entries the source seems to have
-        renamed within this directory (see _match_moves; sync_moves checks
-        them before moving)."""
-        if frame.dd is None:
-            return []
-        gone = {n: dst[n] for n in unwanted if n not in wanted and not _is_temp(n, dst[n])}
-        new = {n: e for n, e in wanted.items() if n not in dst and n not in keep}
-        return _match_moves(gone, new)
 
     def sync_moves(self, frame, moves: list, wanted: dict, dst: dict) -> dict:
         """Rename replica entries that the source renamed within this directory,
@@ -1610,13 +1925,10 @@ class _Pass:
                     continue  # not proven equal: copy it as a new file instead
             if not self.prepare(frame):
                 return moved
-            if not self.options.dry_run:
-                try:
-                    old_path, fd = _at(frame.dd, old)
-                    new_path, _ = _at(frame.dd, name)
-                    os.rename(old_path, new_path, src_dir_fd=fd, dst_dir_fd=fd)
-                except OSError:
-                    continue  # e.g. a mount point in between: copy and delete instead
+            try:
+                self.do.rename(frame.dd, old, name)
+            except OSError:
+                continue  # e.g. a mount point in between: copy and delete instead
             if wanted[name].kind == DIR:
                 moved[name] = old
             dst[name] = dst.pop(old)
@@ -1624,80 +1936,60 @@ class _Pass:
         return moved
 
     def sync_file(self, frame, step: _Step, pending: list) -> None:
-        """Carry out one file step now, or queue its slow part on pending."""
-        kind, name, want, have, mode = step
-        rel = _join(frame.rel, name)
-        if kind == "chmod":
-            self.sync_mode(frame, name, rel, have, mode)
+        """Carry out one file step: a change of mode now, the rest (compare,
+        copy) queued on pending, in a thread when the file is large."""
+        rel = _join(frame.rel, step.name)
+        if step.kind == "chmod":
+            self.sync_mode(frame, step.name, rel, step.have, step.mode)
             return
-        same_signature = kind == "compare"
-        trash = bool(self.options.trash) and have is not None
-        if not same_signature and self.options.dry_run:
-            frame.changed = True
-            if trash:
-                self.to_trash(frame, name, rel, keep=True)
-            # Reported with the real copies, in settle(): the same order as a real pass.
-            pending.append((name, rel, want, have, _Done(("planned", want.st.st_size))))
+        if not self.prepare(frame):
             return
-        if not self.options.dry_run and not self.prepare(frame):
-            return
-        if trash and not same_signature and not self.to_trash(frame, name, rel, keep=True):
-            return
-        # With a trash, a comparison only compares: settle() keeps the old
-        # version in the trash before it copies.
-        copy = not self.options.dry_run and not trash
-        job = self.submit(want.st.st_size >= PARALLEL_MIN_SIZE, _file_job, frame.sd, frame.dd, name,
-                          same_signature, copy or not same_signature, self.stopping, self.abort)
-        pending.append((name, rel, want, have, job))
+        job = self.do.submit(step.want.st.st_size >= PARALLEL_MIN_SIZE, self.do.file_work,
+                             frame.sd, frame.dd, step.name, step, rel)
+        pending.append((step, rel, job))
 
     def settle(self, frame, pending: list) -> None:
         """Wait for this directory's queued file work, reporting it in name order."""
-        for name, rel, want, have, job in pending:
-            outcome, *details = job.result()
-            if outcome == "same":
+        for step, rel, job in pending:
+            outcome = job.result()
+            if outcome.result == "same":
+                want, have = step.want, step.have
                 mode = _mirrored_mode(want.st, have.st)
                 if mode != stat.S_IMODE(have.st.st_mode):
-                    self.sync_mode(frame, name, rel, have, mode)
-            elif outcome == "differs":  # --checksum found other bytes; nothing copied yet
-                frame.changed = True
-                if self.options.trash and not self.to_trash(frame, name, rel, keep=True):
-                    continue
-                if self.options.dry_run:
-                    self.emit("update", rel, str(want.st.st_size))
-                    continue
-                outcome, *details = _file_job(frame.sd, frame.dd, name, False, True,
-                                              self.stopping, self.abort)
-            self.report_copy(frame.rel, name, want.st.st_mtime_ns, have is None, outcome, details)
+                    self.sync_mode(frame, step.name, rel, have, mode)
+                continue
+            self.report_copy(frame.rel, step.name, step.want.st.st_mtime_ns, step.have is None, outcome)
 
-    def report_copy(self, folder: str, name: str, mtime_ns: int, new: bool, outcome: str,
-                    details: list) -> None:
-        """Report what _file_job did to a file that needed copying."""
+    def report_copy(self, folder: str, name: str, mtime_ns: int, new: bool, outcome: _Outcome) -> None:
+        """Report what the executor did to a file that needed copying."""
         rel = _join(folder, name)
-        if outcome == "copied":
-            copied, stable = details
-            self.result.bytes_copied += copied
-            self.emit("copy" if new else "update", rel, str(copied))
-            if not stable:
+        if outcome.trash:
+            self.emit("trash", rel, outcome.trash)
+        result = outcome.result
+        if result == "copied":
+            self.result.bytes_copied += outcome.copied
+            self.emit("copy" if new else "update", rel, str(outcome.copied))
+            if not outcome.stable:
                 self.emit("changed", rel)
             self.note_time(rel, mtime_ns)
-        elif outcome == "planned":  # a dry run's copy
-            self.emit("copy" if new else "update", rel, str(details[0]))
-        elif outcome == "vanished":
+        elif result == "planned":  # a dry run's copy
+            self.emit("copy" if new else "update", rel, str(outcome.copied))
+        elif result == "vanished":
             self.emit("vanished", rel)
-        elif outcome == "not regular":
+        elif result == "not regular":
             if new:  # nothing there in the replica: as a later pass would leave it
                 self.emit("skip", rel, "no longer a regular file")
             else:  # the replica still holds the old file: the next pass settles it
                 self.emit("changed", rel, "no longer a regular file")
-        elif outcome == "failed":
-            what, err = details
-            if (what == "copy file" and err.errno in _NO_SPACE and self.retry_later
+        elif result == "failed":
+            err = outcome.error
+            if (outcome.what == "copy file" and err.errno in _NO_SPACE and self.retry_later
                     and len(self.retries) < RETRY_LIMIT):
                 # Perhaps full only while other copies ran: try once more
                 # at the end of the pass, when none does (retry_copies).
                 self.retries.append((folder, name, new, err))
                 return
-            self.fail(rel, what, err)
+            self.fail(rel, outcome.what, err)
         # "stopped": the pass is ending; the next one does it
 
     def retry_copies(self) -> None:
@@ -1722,7 +2014,7 @@ class _Pass:
                 if not _has_room(dd, st):
                     self.fail(rel, "copy file", err)
                     continue
-                self.report_copy(folder, name, st.st_mtime_ns, new, *self.copy_into(sd, dd, name))
+                self.report_copy(folder, name, st.st_mtime_ns, new, self.do.copy_into(sd, dd, name))
             except OSError as again:
                 self.fail(rel, "copy file", again)
             finally:
@@ -1749,145 +2041,92 @@ class _Pass:
             raise
         return tuple(handles)
 
-    def copy_into(self, sd, dd, name) -> tuple:
-        """_file_job into a replica folder outside the walk: made writable for
-        the copy, then given back its mode and the source folder's mtime."""
-        st = os.stat(dd)
-        mode = stat.S_IMODE(st.st_mode)
-        writable = _make_writable(dd, mode)
-        try:
-            outcome, *details = _file_job(sd, dd, name, False, True, self.stopping, self.abort)
-        finally:
-            if writable != mode:
-                os.chmod(dd, mode)
-            src_dir = os.stat(sd)
-            os.utime(dd, ns=(src_dir.st_atime_ns, src_dir.st_mtime_ns))
-        return outcome, details
-
     def sync_mode(self, frame, name, rel, have: Entry, mode: int) -> None:
         """Contents are current: give the replica file these permission bits."""
-        if have.st.st_nlink > 1:
-            # A second hard link could reach outside the replica: replace the file instead.
-            if not self.options.dry_run and self.prepare(frame):
-                outcome, *details = _file_job(frame.sd, frame.dd, name, False, True,
-                                              self.stopping, self.abort)
-                if outcome == "failed":
-                    self.fail(rel, *details)
-                    return
-            self.emit("chmod", rel, f"{mode:#o}")
+        if have.st.st_nlink > 1 and not self.prepare(frame):
+            return  # replaced rather than changed (see _Changes.chmod): needs the folder writable
+        failure = self.do.chmod(frame.sd, frame.dd, name, have, mode)
+        if failure is not None:
+            self.fail(rel, *failure)
             return
-        if not self.options.dry_run:
-            try:
-                _chmod_file(frame.dd, name, mode, have.st)
-            except OSError as err:
-                self.fail(rel, "set permissions", err)
-                return
         self.emit("chmod", rel, f"{mode:#o}")
 
-    def submit(self, large: bool, fn, *args):
-        """Run fn in a worker thread when the work is large, else here and now."""
-        if large:
-            if self.pool is None:
-                self.pool = ThreadPoolExecutor(LARGE_FILE_THREADS, thread_name_prefix="sync")
-            return self.pool.submit(fn, *args)
-        return _Done(fn(*args))
-
-    def sync_link(self, frame, name, want: Entry, have: Optional[Entry]) -> None:
-        if have is not None and have.target == want.target:
-            return
+    def sync_link(self, frame, step: _Step) -> None:
+        name, want, have = step.name, step.want, step.have
         rel = _join(frame.rel, name)
         if not self.prepare(frame):
             return
-        if have is not None and self.options.trash and not self.to_trash(frame, name, rel, keep=True):
+        if have is not None and self.do.trash is not None and not self.trash(frame, name, rel, have, keep=True):
             return
-        if not self.options.dry_run:
-            try:
-                _make_link(frame.dd, name, want.target)
-            except OSError as err:
-                self.fail(rel, "create link", err)
-                return
+        try:
+            self.do.make_link(frame.dd, name, want.target)
+        except OSError as err:
+            self.fail(rel, "create link", err)
+            return
         self.emit("link" if have is None else "relink", rel, want.target)
 
-    def sync_dir(self, frame, name, want: Entry, have: Optional[Entry], moved_from: Optional[str]):
+    def sync_dir(self, frame, step: _Step, moved_from: Optional[str]):
+        name, want, have = step.name, step.want, step.have
         rel = _join(frame.rel, name)
         if self.reached_again(rel, want) or have is not None and self.reached_again(rel, have):
             return None
         if have is None:
             if not self.prepare(frame):
                 return None
-            if not self.options.dry_run:
-                try:
-                    path, fd = _at(frame.dd, name)
-                    os.mkdir(path, 0o700, dir_fd=fd)
-                except OSError as err:
-                    self.fail(rel, "create directory", err)
-                    return None
+            try:
+                self.do.mkdir(frame.dd, name)
+            except OSError as err:
+                self.fail(rel, "create directory", err)
+                return None
             self.emit("mkdir", rel)
-        exists = frame.dd is not None and not (self.options.dry_run and have is None)
+        exists, dst_name = self.do.child_replica(frame.dd, name, have, moved_from)
         child = _Frame(frame, name, rel, want.st, have.st if have else None, exists)
-        if moved_from is not None:
-            child.verify = True
-            if self.options.dry_run:
-                child.dst_name = moved_from
-        child.verify = child.verify or frame.verify
+        child.dst_name = dst_name
+        child.verify = moved_from is not None or frame.verify
         return child
 
     def remove(self, frame, name, have: Entry) -> bool:
-        """Remove one replica entry (a directory with all it holds)."""
+        """Remove one replica entry (a directory with all it holds), or move
+        it to the trash."""
         rel = _join(frame.rel, name)
         if self.reached_again(rel, have):
             return False
         if not self.prepare(frame):
             return False
-        if self.options.trash and not _is_temp(name, have):
-            if not self.may_delete(rel):
+        temp = _is_temp(name, have)
+        if self.do.trash is not None and not temp:
+            if not self.may_delete(rel) or not self.trash(frame, name, rel, have, keep=False):
                 return False
-            if self.to_trash(frame, name, rel, keep=False, have=have):
-                self.deleted += 1
-                return True
-            return False
+            self.deleted += 1
+            return True
         if have.kind == DIR:
             return self.remove_tree(frame.dd, name, rel)
-        if not _is_temp(name, have) and not self.may_delete(rel):
+        if not temp and not self.may_delete(rel):
             return False
-        if not self.options.dry_run:
-            try:
-                path, fd = _at(frame.dd, name)
-                os.unlink(path, dir_fd=fd)
-            except FileNotFoundError:
-                pass  # already gone: that is what we wanted
-            except OSError as err:
-                self.fail(rel, "remove", err)
-                return False
+        try:
+            self.do.unlink(frame.dd, name)
+        except OSError as err:
+            self.fail(rel, "remove", err)
+            return False
         self.emit_removed(name, rel, have)
         return True
 
-    def to_trash(self, frame, name, rel, keep: bool, have: Optional[Entry] = None) -> bool:
-        """Move replica entry NAME (keep=False) or link it (keep=True, for a
-        file about to be replaced) to TRASH/<pass stamp>/<rel>."""
-        where = f"{self.trash_stamp}/{rel}"
-        if not self.options.dry_run:
-            try:
-                folder = self.trash_folder(rel)
-                try:
-                    path, fd = _at(frame.dd, name)
-                    target, tfd = _at(folder, name)
-                    if keep:
-                        os.link(path, target, src_dir_fd=fd, dst_dir_fd=tfd, follow_symlinks=False)
-                    elif have is not None and have.kind == DIR and not have.st.st_mode & stat.S_IWUSR:
-                        _rename_read_only_dir(frame.dd, name, folder)
-                    else:
-                        os.rename(path, target, src_dir_fd=fd, dst_dir_fd=tfd)
-                finally:
-                    _close_dir(folder)
-            except OSError as err:
-                self.fail(rel, "move the old version to the trash", err)
-                return False
+    def trash(self, frame, name, rel, have: Entry, keep: bool) -> bool:
+        """Move replica entry NAME to the trash (keep: link it, for a link
+        about to be replaced)."""
+        try:
+            if keep:
+                where = self.do.keep_in_trash(frame.dd, name, rel)
+            else:
+                where = self.do.take_to_trash(frame.dd, name, rel, have)
+        except OSError as err:
+            self.fail(rel, "move the old version to the trash", err)
+            return False
         self.emit("trash", rel, where)
         return True
 
     def prune_trash(self) -> None:
-        """Remove the trash folders of passes older than --trash-keep days.
+        """Remove the trash folders of passes older than trash_keep_days.
 
         A folder is old when the time in its name, its own mtime and the
         mtimes of the files in it all are: a pass made while the clock was
@@ -1921,29 +2160,8 @@ class _Pass:
             except OSError as err:
                 self.fail(name, "list trash folder", err)
                 continue
-            if self.options.dry_run or self.remove_tree(d, name, name, accounting=False):
+            if self.do.remove_trash_folder(self.remove_tree, name):
                 self.emit("prune", name)
-
-    def trash_folder(self, rel: str):
-        """Open (creating) the folder of TRASH/<pass stamp> that rel goes into."""
-        d = None
-        try:
-            for part in [self.trash_stamp, *rel.split("/")[:-1]]:
-                parent = self.roots.trash if d is None else d
-                path, fd = _at(parent, part)
-                try:
-                    os.mkdir(path, 0o700, dir_fd=fd)
-                except FileExistsError:
-                    pass  # made by an earlier item (or another worker) of this pass
-                inner = _open_dir(parent, part)
-                if d is not None:
-                    _close_dir(d)
-                d = inner
-        except BaseException:
-            if d is not None:
-                _close_dir(d)
-            raise
-        return d
 
     def emit_removed(self, name, rel, entry: Entry) -> None:
         if _is_temp(name, entry):
@@ -1961,18 +2179,15 @@ class _Pass:
         root seen again through a mount is never entered.  accounting=False
         (pruning the trash) neither reports nor counts what goes.
         """
-        dry = self.options.dry_run
         stack = []  # _Doomed folders, outermost first; each open
 
         def descend(p, n, r) -> bool:
             try:
-                d = _open_dir(p, n)
+                d = self.do.open_doomed(p, n)
             except OSError as err:
                 self.fail(r, "list replica directory", err)
                 return False
             try:
-                if not dry:
-                    _make_writable(d, stat.S_IMODE(os.stat(d).st_mode))
                 entries, failed = _scan(d)
             except OSError as err:
                 _close_dir(d)
@@ -1998,26 +2213,21 @@ class _Pass:
                     if accounting and not _is_temp(child, entry) and not self.may_delete(child_rel):
                         level.emptied = False
                         continue
-                    if not dry:
-                        try:
-                            path, fd = _at(level.handle, child)
-                            os.unlink(path, dir_fd=fd)
-                        except FileNotFoundError:
-                            pass
-                        except OSError as err:
-                            self.fail(child_rel, "remove", err)
-                            level.emptied = False
-                            continue
+                    try:
+                        self.do.unlink(level.handle, child)
+                    except OSError as err:
+                        self.fail(child_rel, "remove", err)
+                        level.emptied = False
+                        continue
                     if accounting:
                         self.emit_removed(child, child_rel, entry)
                     continue
                 stack.pop()
                 _close_dir(level.handle)
                 ok = level.emptied and not level.remaining and (not accounting or self.may_delete(level.rel))
-                if ok and not dry:
+                if ok:
                     try:
-                        path, fd = _at(level.parent, level.name)
-                        os.rmdir(path, dir_fd=fd)
+                        self.do.rmdir(level.parent, level.name)
                     except OSError as err:
                         self.fail(level.rel, "remove directory", err)
                         ok = False
@@ -2032,93 +2242,6 @@ class _Pass:
             for level in stack:
                 _close_dir(level.handle)
         return False
-
-
-@dataclass
-class _Doomed:
-    """One folder on remove_tree's stack."""
-
-    parent: object  # handle of the folder that holds it
-    name: str  # its name there
-    rel: str  # its path below the root, for reports
-    handle: object  # its own handle, open while it is on the stack
-    remaining: list  # (name, Entry) still to remove, last first
-    emptied: bool  # False once something inside must stay (then so does the folder)
-
-
-def _rename_read_only_dir(dd, name, folder) -> None:
-    """Move a read-only directory NAME of dd into folder.  Moving a directory
-    to another parent rewrites its ".." entry, which needs write permission
-    on the directory itself even for its owner: it gets u+w for the move and
-    its own mode back afterwards (as Go's module cache and other 0555 trees
-    need)."""
-    handle = _open_dir(dd, name)
-    try:
-        mode = stat.S_IMODE(os.stat(handle).st_mode)
-        os.chmod(handle, mode | stat.S_IWUSR)
-        try:
-            path, fd = _at(dd, name)
-            target, tfd = _at(folder, name)
-            os.rename(path, target, src_dir_fd=fd, dst_dir_fd=tfd)
-        finally:
-            os.chmod(handle, mode)  # wherever it now is: the handle follows it
-    finally:
-        _close_dir(handle)
-
-
-def _has_room(dd, st: os.stat_result) -> bool:
-    """Whether the file system of directory dd has room for a file like st,
-    as far as statvfs tells (where it cannot tell: yes)."""
-    try:
-        room = os.statvfs(dd)
-    except (OSError, AttributeError):
-        return True
-    root = hasattr(os, "geteuid") and os.geteuid() == 0  # may use the reserved blocks
-    free = room.f_frsize * (room.f_bfree if root else room.f_bavail)
-    allocated = getattr(st, "st_blocks", 0) * 512 or st.st_size  # a sparse file needs less
-    return free >= min(st.st_size, allocated)
-
-
-def _holds_newer(d, name, limit: float) -> bool:
-    """Whether anything but a folder below d/NAME has an mtime from limit on."""
-    stack = [_open_dir(d, name)]
-    try:
-        while stack:
-            handle = stack.pop()
-            try:
-                entries = _scan(handle)[0]
-                for child, entry in entries.items():
-                    if entry.kind == DIR:
-                        stack.append(_open_dir(handle, child))
-                    elif entry.st is not None and entry.st.st_mtime >= limit:
-                        return True
-            finally:
-                _close_dir(handle)
-    finally:
-        for handle in stack:
-            _close_dir(handle)
-    return False
-
-
-def _is_temp(name: str, entry: Entry) -> bool:
-    return entry.kind == FILE and bool(_TEMP_NAME.match(name))
-
-
-def _real(entries: dict) -> bool:
-    """Whether a listing holds anything but temporary files."""
-    return any(not _is_temp(name, entry) for name, entry in entries.items())
-
-
-def _special_kind(mode: int) -> str:
-    if stat.S_ISFIFO(mode):
-        return "FIFO"
-    if stat.S_ISSOCK(mode):
-        return "socket"
-    if stat.S_ISCHR(mode):
-        return "character device"
-    if stat.S_ISBLK(mode):
-        return "block device"
-    return "special file"
 
 
 # ------------------------------------------------------------------ fan-out --
@@ -2160,7 +2283,7 @@ class _FanOut:
 
     BATCH = 256  # events per message
 
-    def __init__(self, main: _Pass, tasks: list):
+    def __init__(self, main: _Walk, tasks: list):
         self.main, self.tasks = main, tasks
         # Shared with the workers: 1 asks them to stop after the current
         # item, 2 to stop at once (abandoning a copy mid-file).
@@ -2324,7 +2447,7 @@ def _count_deletions(roots: "_Roots", options: Options, should_stop, times: Time
     dry run first, so that a pass over the limit changes nothing at all."""
     if options.max_delete is None or options.dry_run:
         return None
-    probe = _Pass(dataclasses.replace(options, dry_run=True, max_delete=None, allow_mass_delete=True),
+    probe = _Walk(dataclasses.replace(options, dry_run=True, max_delete=None, allow_mass_delete=True),
                   _ignore, should_stop)
     probe.times = times
     probe.run(roots)
@@ -2812,7 +2935,7 @@ class Mirror:
         every pass makes sure it holds the lock of the REPLICA it writes to."""
         started = time.monotonic()
         options = self.options
-        work = _Pass(options, report, lambda: should_stop() or abort(), progress, abort)
+        work = _Walk(options, report, lambda: should_stop() or abort(), progress, abort)
         try:
             roots = self.open_roots(create=not options.dry_run)
             if self.lock is not None and roots.replica is not None:
