@@ -119,7 +119,7 @@ COPY_CHUNK = 1 << 20  # bytes per read for the buffered copy
 COMPARE_CHUNK = 128 << 10
 # The default guard against mass deletion: a folder whose deletions would
 # remove more than this many entries, and more than half of REPLICA's, is
-# left alone (see _Walk.mass_deletion).
+# left alone (see _MassDeletionGuard).
 MASS_DELETE_FLOOR = 100
 # Files that failed for lack of space while other copies were running are
 # retried once at the end of the pass; at most this many are remembered.
@@ -168,7 +168,7 @@ DIR = "directory"
 LINK = "link"
 SPECIAL = "special file"
 
-# ------------------------------------------------------------- small types --
+# -------------------------------------------------- types and the action table --
 
 
 class Entry(NamedTuple):
@@ -384,6 +384,9 @@ def _ignore(event: Event) -> None:
     pass
 
 
+# ------------------------------------------------------------------ filters --
+
+
 class Excludes:
     """Glob patterns for paths left out of the mirror.
 
@@ -478,7 +481,7 @@ def read_exclude_file(path: str) -> list:
         return [line.rstrip("\r\n") for line in f if line.strip() and not line.startswith("#")]
 
 
-# ---------------------------------------------- directories, scanning, comparing --
+# ------------------------------------- descriptor primitives: listing, comparing --
 #
 # A "directory handle" is an open file descriptor where _DIR_FD holds and a
 # path elsewhere.  _at() turns a handle and a name into the (path, dir_fd) pair
@@ -691,7 +694,7 @@ def _utc(ns: int) -> str:
         return f"{ns} ns after 1970"
 
 
-# ------------------------------------------------------------------ actions --
+# ------------------------------------------------ descriptor primitives: writing --
 
 
 _temp_counter = itertools.count()
@@ -895,83 +898,6 @@ def _make_writable(d, mode: int) -> int:
     return wanted
 
 
-class _Listing(NamedTuple):
-    """Both sides of one directory pair, as _list_pair found them."""
-
-    rel: str  # the pair's path below the roots
-
-    src: Optional[dict] = None
-    unreadable: Optional[list] = None
-    dst: Optional[dict] = None  # the walk updates it as it renames and removes
-    dst_unreadable: Optional[list] = None
-    failure: Optional[tuple] = None  # (what could not be done, OSError)
-
-
-def _list_pair(frame) -> _Listing:
-    """Open (below the root) and list both sides of a directory pair.
-
-    Reports nothing: it returns what it found, failures included, and the
-    walk reports them.
-    """
-    if frame.parent is not None:
-        try:
-            frame.sd = _open_dir(frame.parent.sd, frame.name)
-        except OSError as err:
-            return _Listing(frame.rel, failure=("list directory", err))
-        if frame.dst_exists:
-            try:
-                frame.dd = _open_dir(frame.parent.dd, frame.dst_name)
-                if frame.dst_mode is None:  # created by this pass
-                    frame.dst_mode = stat.S_IMODE(os.stat(frame.dd).st_mode)
-            except OSError as err:
-                return _Listing(frame.rel, failure=("list replica directory", err))
-    try:
-        src, unreadable = _scan(frame.sd)
-    except OSError as err:
-        return _Listing(frame.rel, failure=("list directory", err))
-    if frame.dd is None:
-        return _Listing(frame.rel, src, unreadable, {}, [])
-    try:
-        dst, dst_unreadable = _scan(frame.dd)
-    except OSError as err:
-        return _Listing(frame.rel, failure=("list replica directory", err))
-    return _Listing(frame.rel, src, unreadable, dst, dst_unreadable)
-
-
-def _match_moves(gone: dict, new: dict):
-    """Pairs (old name, new name) of one directory's entries that were renamed.
-
-    Candidates need an mtime with a sub-second part (a real write, not a time
-    set in whole seconds by an archiver) and a signature that is unique on
-    both sides.  Directories match on (mtime, mode): renaming a folder does
-    not change its own mtime, and the walk then checks its contents file by
-    file as usual.  Files match on (size, mtime) and the caller compares
-    their bytes before moving.
-    """
-    def key(entry):
-        st = entry.st
-        if st is None or not st.st_mtime_ns % 1_000_000_000:  # links have no st
-            return None
-        if entry.kind == DIR:
-            return (DIR, st.st_mtime_ns, stat.S_IMODE(st.st_mode))
-        if entry.kind == FILE and st.st_size:
-            return (FILE, st.st_size, st.st_mtime_ns)
-        return None
-
-    def unique(entries):
-        found = {}
-        for name, entry in entries.items():
-            k = key(entry)
-            if k is not None:
-                found[k] = None if k in found else name
-        return {k: name for k, name in found.items() if name is not None}
-
-    if not gone or not new:
-        return []
-    olds = unique(gone)
-    return sorted((olds[k], name) for k, name in unique(new).items() if k in olds)
-
-
 def _join(rel: str, name: str) -> str:
     return f"{rel}/{name}" if rel else name
 
@@ -1111,6 +1037,18 @@ def _special_kind(mode: int) -> str:
 # wanted entry needs.  The walk carries the plans out.
 
 
+class _Listing(NamedTuple):
+    """Both sides of one directory pair, as _list_pair found them."""
+
+    rel: str  # the pair's path below the roots
+
+    src: Optional[dict] = None
+    unreadable: Optional[list] = None
+    dst: Optional[dict] = None  # the walk updates it as it renames and removes
+    dst_unreadable: Optional[list] = None
+    failure: Optional[tuple] = None  # (what could not be done, OSError)
+
+
 class _Plan(NamedTuple):
     """What _sort_out decided for one folder pair."""
 
@@ -1171,6 +1109,40 @@ def _sort_out(listing: _Listing, options: Options, is_root: bool, replica_exists
         moving = {old for old, _ in moves}
         doomed = [n for n in unwanted if n not in moving and not _is_temp(n, dst[n])]
     return _Plan(len(src), "", failed, skipped, wanted, dict(dst), keep, unwanted, moves, doomed, empty)
+
+
+def _match_moves(gone: dict, new: dict):
+    """Pairs (old name, new name) of one directory's entries that were renamed.
+
+    Candidates need an mtime with a sub-second part (a real write, not a time
+    set in whole seconds by an archiver) and a signature that is unique on
+    both sides.  Directories match on (mtime, mode): renaming a folder does
+    not change its own mtime, and the walk then checks its contents file by
+    file as usual.  Files match on (size, mtime) and the caller compares
+    their bytes before moving.
+    """
+    def key(entry):
+        st = entry.st
+        if st is None or not st.st_mtime_ns % 1_000_000_000:  # links have no st
+            return None
+        if entry.kind == DIR:
+            return (DIR, st.st_mtime_ns, stat.S_IMODE(st.st_mode))
+        if entry.kind == FILE and st.st_size:
+            return (FILE, st.st_size, st.st_mtime_ns)
+        return None
+
+    def unique(entries):
+        found = {}
+        for name, entry in entries.items():
+            k = key(entry)
+            if k is not None:
+                found[k] = None if k in found else name
+        return {k: name for k, name in found.items() if name is not None}
+
+    if not gone or not new:
+        return []
+    olds = unique(gone)
+    return sorted((olds[k], name) for k, name in unique(new).items() if k in olds)
 
 
 class _Step(NamedTuple):
@@ -1548,6 +1520,87 @@ class _Doomed:
     emptied: bool  # False once something inside must stay (then so does the folder)
 
 
+def _list_pair(frame) -> _Listing:
+    """Open (below the root) and list both sides of a directory pair.
+
+    Reports nothing: it returns what it found, failures included, and the
+    walk reports them.
+    """
+    if frame.parent is not None:
+        try:
+            frame.sd = _open_dir(frame.parent.sd, frame.name)
+        except OSError as err:
+            return _Listing(frame.rel, failure=("list directory", err))
+        if frame.dst_exists:
+            try:
+                frame.dd = _open_dir(frame.parent.dd, frame.dst_name)
+                if frame.dst_mode is None:  # created by this pass
+                    frame.dst_mode = stat.S_IMODE(os.stat(frame.dd).st_mode)
+            except OSError as err:
+                return _Listing(frame.rel, failure=("list replica directory", err))
+    try:
+        src, unreadable = _scan(frame.sd)
+    except OSError as err:
+        return _Listing(frame.rel, failure=("list directory", err))
+    if frame.dd is None:
+        return _Listing(frame.rel, src, unreadable, {}, [])
+    try:
+        dst, dst_unreadable = _scan(frame.dd)
+    except OSError as err:
+        return _Listing(frame.rel, failure=("list replica directory", err))
+    return _Listing(frame.rel, src, unreadable, dst, dst_unreadable)
+
+
+class _MassDeletionGuard:
+    """The default guard against mass deletion (Options.allow_mass_delete):
+    a folder whose deletions would remove more than MASS_DELETE_FLOOR
+    entries, and either empty a folder whose source is empty (below the
+    root: a drive that is not mounted) or remove more than half of all
+    REPLICA's entries (a wrong REPLICA, an unmounted drive), changes
+    nothing.  Counted by name, only as far as needed."""
+
+    def __init__(self, replica):
+        self.replica = replica  # REPLICA's handle
+        self.total = None  # entries in REPLICA, counted when first needed
+
+    def refusal(self, dd, below_root: bool, empty: bool, dst: dict, doomed: list) -> Optional[str]:
+        """Why the deletions of doomed (names in dst, the listing of replica
+        folder dd) must not happen, if they must not."""
+        floor = MASS_DELETE_FLOOR
+        if self.count(dd, dst, doomed, floor + 1) <= floor:
+            return None
+        count = self.count(dd, dst, doomed, 1 << 62)
+        if below_root and empty:
+            return (f"the source folder is empty, but the replica folder holds {count:,} entries: "
+                    "a drive that is not mounted looks like this, so nothing in it was changed.")
+        if self.total is None:
+            self.total = _count_inside(self.replica, 1 << 62)
+        if count * 2 <= self.total:
+            return None
+        return (f"mirroring this folder would delete {count:,} of the {self.total:,} entries "
+                "in REPLICA, more than half: a wrong REPLICA or a drive that is not mounted looks "
+                "like this, so nothing in this folder was changed.")
+
+    @staticmethod
+    def count(dd, dst: dict, doomed: list, cap: int) -> int:
+        """Entries that deleting doomed would remove, at most about cap."""
+        count = 0
+        for name in doomed:
+            count += 1
+            if dst[name].kind == DIR:
+                try:
+                    d = _open_dir(dd, name)
+                except OSError:
+                    continue
+                try:
+                    count += _count_inside(d, cap - count)
+                finally:
+                    _close_dir(d)
+            if count >= cap:
+                break
+        return count
+
+
 class _Walk:
     """One pass over the tree: the stack of folder pairs, the result, stop
     requests and the deletion budget.  Each folder pair is planned
@@ -1566,10 +1619,7 @@ class _Walk:
         self.roots = None  # the _Roots, while run() runs
         self.protected = frozenset()  # identities no folder inside the trees may have
         self.times = Times()  # how REPLICA stores mtimes (Mirror probes it)
-        # The default guard against mass deletion, unless an explicit
-        # max_delete replaces it or it is turned off.
-        self.guarded = options.max_delete is None and not options.allow_mass_delete
-        self.replica_total = None  # entries in REPLICA, counted when the guard first needs it
+        self.guard = None  # the _MassDeletionGuard, while run() runs, unless turned off
         self.retries = []  # (folder, name, new, OSError): copies that failed for lack of space
         self.retry_later = True  # False once retry_copies runs: failures are then final
         now = time.time()  # names this pass's trash folder; workers inherit it
@@ -1626,8 +1676,12 @@ class _Walk:
     def use(self, roots: "_Roots") -> None:
         """Work in these roots, through the executor the options call for."""
         self.roots, self.protected = roots, roots.protected
-        executor = _DryRun if self.options.dry_run else _Changes
-        self.do = executor(self.options, roots.trash, self.trash_stamp, self.stopping, self.abort)
+        options = self.options
+        executor = _DryRun if options.dry_run else _Changes
+        self.do = executor(options, roots.trash, self.trash_stamp, self.stopping, self.abort)
+        # The default guard, unless an explicit max_delete replaces it or it is turned off.
+        if self.guard is None and options.max_delete is None and not options.allow_mass_delete:
+            self.guard = _MassDeletionGuard(roots.replica)
 
     def run(self, roots: "_Roots") -> None:
         self.use(roots)
@@ -1719,7 +1773,7 @@ class _Walk:
         """A fresh walk for a worker process: its own results and callbacks,
         this pass's roots, trash folder and knowledge of REPLICA."""
         work = _Walk(self.options, report, should_stop, None, abort)
-        work.times, work.trash_stamp, work.replica_total = self.times, self.trash_stamp, self.replica_total
+        work.times, work.trash_stamp, work.guard = self.times, self.trash_stamp, self.guard
         work.use(self.roots)
         return work
 
@@ -1767,8 +1821,8 @@ class _Walk:
         for name, kind in plan.skipped:
             self.emit("skip", _join(rel, name), kind)
         dst, keep = plan.dst, plan.keep
-        if plan.doomed and self.guarded:
-            refusal = self.mass_deletion(frame, plan.empty, dst, plan.doomed)
+        if plan.doomed and self.guard is not None:
+            refusal = self.guard.refusal(frame.dd, frame.parent is not None, plan.empty, dst, plan.doomed)
             if refusal:
                 self.close(frame)
                 self.refuse(rel, refusal, "allow_mass_delete")
@@ -1822,44 +1876,6 @@ class _Walk:
             return False
         frame.dst_mode, frame.writable = mode, True
         return True
-
-    def mass_deletion(self, frame: _Frame, empty: bool, dst: dict, doomed: list) -> Optional[str]:
-        """Why the deletions planned in this folder must not happen, if they
-        must not: they would remove more than MASS_DELETE_FLOOR entries and
-        either the source folder is empty (below the root: a drive that is not
-        mounted) or they are more than half of all REPLICA's entries (a wrong
-        REPLICA, an unmounted drive).  Counted by name, only as far as needed."""
-        floor = MASS_DELETE_FLOOR
-        if self.count_doomed(frame, dst, doomed, floor + 1) <= floor:
-            return None
-        count = self.count_doomed(frame, dst, doomed, 1 << 62)
-        if frame.parent is not None and empty:
-            return (f"the source folder is empty, but the replica folder holds {count:,} entries: "
-                    "a drive that is not mounted looks like this, so nothing in it was changed.")
-        if self.replica_total is None:
-            self.replica_total = _count_inside(self.roots.replica, 1 << 62)
-        if count * 2 <= self.replica_total:
-            return None
-        return (f"mirroring this folder would delete {count:,} of the {self.replica_total:,} entries "
-                "in REPLICA, more than half: a wrong REPLICA or a drive that is not mounted looks "
-                "like this, so nothing in this folder was changed.")
-
-    def count_doomed(self, frame: _Frame, dst: dict, doomed: list, cap: int) -> int:
-        count = 0
-        for name in doomed:
-            count += 1
-            if dst[name].kind == DIR:
-                try:
-                    d = _open_dir(frame.dd, name)
-                except OSError:
-                    continue
-                try:
-                    count += _count_inside(d, cap - count)
-                finally:
-                    _close_dir(d)
-            if count >= cap:
-                break
-        return count
 
     def finish(self, frame: _Frame) -> None:
         """Give a replica directory the source's permission bits and mtime."""
