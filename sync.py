@@ -1490,18 +1490,18 @@ class _Frame:
                  "dst_mtime", "sd", "dd", "changed", "writable", "verify")
 
     def __init__(self, parent, name, rel, src_st, dst_st, dst_exists):
-        self.parent = parent
-        self.name = name
-        self.dst_name = name  # differs in a dry run that "moved" the directory
-        self.rel = rel
-        self.src_st = src_st
-        self.dst_exists = dst_exists
-        self.dst_mode = stat.S_IMODE(dst_st.st_mode) if dst_st else None
-        self.dst_mtime = dst_st.st_mtime_ns if dst_st else None
-        self.sd = None
-        self.dd = None
+        self.parent = parent  # the _Frame of the folder that holds it (None: the root)
+        self.name = name  # its name in the source folder
+        self.dst_name = name  # its name in the replica folder (a dry run's "moved" folder: the old one)
+        self.rel = rel  # its path below the roots, for reports
+        self.src_st = src_st  # the source folder's lstat, as listed
+        self.dst_exists = dst_exists  # there is a replica folder to open
+        self.dst_mode = stat.S_IMODE(dst_st.st_mode) if dst_st else None  # the replica folder's mode now
+        self.dst_mtime = dst_st.st_mtime_ns if dst_st else None  # its mtime as listed
+        self.sd = None  # the source folder's handle, while it is open
+        self.dd = None  # the replica folder's handle, while it is open (None: there is none)
         self.changed = False  # entries added or removed: the mtime must be reset
-        self.writable = False
+        self.writable = False  # made writable (or restricted) this pass: finish() sets the mode
         # Inside a folder matched as a rename this pass: equal size and mtime
         # prove nothing there (a copy made with cp -a looks the same), so
         # files are compared by their bytes.
@@ -2459,7 +2459,7 @@ def run_pass(source: str, replica: str, options: Options = None,
 
 
 def _count_deletions(roots: "_Roots", options: Options, should_stop, times: Times) -> Optional[int]:
-    """With --max-delete, how many entries the pass would delete: counted by a
+    """With max_delete, how many entries the pass would delete: counted by a
     dry run first, so that a pass over the limit changes nothing at all."""
     if options.max_delete is None or options.dry_run:
         return None
@@ -3072,46 +3072,8 @@ def check_arguments(source: str, replica: str, log_file: Optional[str]) -> None:
         raise UsageError(f"LOG_FILE {log_file!r}: folder {folder!r} does not exist")
 
 
-def _parse_non_negative(text: str, convert, what: str):
-    try:
-        value = convert(text)
-    except ValueError:
-        value = -1
-    if not (value >= 0 and math.isfinite(value)):
-        raise argparse.ArgumentTypeError(f"expected {what} of zero or more, not {text!r}")
-    return value
-
-
-def parse_seconds(text: str) -> float:
-    """A number of seconds, zero or more."""
-    return _parse_non_negative(text, float, "a number of seconds")
-
-
-def parse_window(text: str) -> float:
-    """--modify-window: seconds, zero or more, at most a billion (as nanoseconds it must fit)."""
-    value = parse_seconds(text)
-    if value > 1e9:
-        raise argparse.ArgumentTypeError(f"expected at most 1e9 seconds, not {text!r}")
-    return value
-
-
-def parse_count(text: str) -> int:
-    """A whole number, zero or more."""
-    return _parse_non_negative(text, int, "a whole number")
-
-
-def parse_interval(text: str) -> float:
-    """INTERVAL: a positive, finite number of seconds."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"INTERVAL must be a number of seconds, not {text!r}") from None
-    if not (value > 0 and math.isfinite(value)):
-        raise argparse.ArgumentTypeError(f"INTERVAL must be a positive number of seconds, not {text!r}")
-    return value
-
-
 # ---------------------------------------------------------------- the CLI --
+
 
 class _ReportOnce:
     """Mixin for handlers: a failure to write is reported once on stderr, not per
@@ -3305,6 +3267,45 @@ def _clock(seconds: float) -> str:
     minutes, seconds = divmod(int(seconds), 60)
     hours, minutes = divmod(minutes, 60)
     return f"{hours}:{minutes:02d}:{seconds:02d}" if hours else f"{minutes}:{seconds:02d}"
+
+
+def _parse_non_negative(text: str, convert, what: str):
+    try:
+        value = convert(text)
+    except ValueError:
+        value = -1
+    if not (value >= 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"expected {what} of zero or more, not {text!r}")
+    return value
+
+
+def parse_seconds(text: str) -> float:
+    """A number of seconds, zero or more."""
+    return _parse_non_negative(text, float, "a number of seconds")
+
+
+def parse_window(text: str) -> float:
+    """--modify-window: seconds, zero or more, at most a billion (as nanoseconds it must fit)."""
+    value = parse_seconds(text)
+    if value > 1e9:
+        raise argparse.ArgumentTypeError(f"expected at most 1e9 seconds, not {text!r}")
+    return value
+
+
+def parse_count(text: str) -> int:
+    """A whole number, zero or more."""
+    return _parse_non_negative(text, int, "a whole number")
+
+
+def parse_interval(text: str) -> float:
+    """INTERVAL: a positive, finite number of seconds."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"INTERVAL must be a number of seconds, not {text!r}") from None
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"INTERVAL must be a positive number of seconds, not {text!r}")
+    return value
 
 
 class _Exit(Exception):

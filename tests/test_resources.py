@@ -197,3 +197,29 @@ def test_a_folder_that_was_entered_is_finished_even_when_the_pass_stops(src, dst
     assert stat.S_IMODE(os.stat(dst / "ro").st_mode) == 0o555
     assert sync_once(src, dst)[0].exact
     assert_mirror(src, dst)
+
+
+def test_with_checksum_and_trash_a_large_file_is_compared_kept_and_copied_in_one_thread(src, dst, tmp_path,
+                                                                                       monkeypatch):
+    # One job per file: the old version goes to the trash and the new bytes
+    # are written by the same copy thread that compared them, not again on
+    # the main thread.
+    make_tree(src, {"big.bin": File(b"a" * 5000), "other": "o"})
+    assert sync_once(src, dst)[0].exact
+    make_tree(src, {"big.bin": File(b"b" * 5000)})  # same size and mtime: only checksum sees it
+    monkeypatch.setattr(sync, "PARALLEL_MIN_SIZE", 1000)
+    real_copy_bytes, threads = sync._copy_bytes, []
+
+    def copy(*args):
+        threads.append(threading.current_thread())
+        return real_copy_bytes(*args)
+
+    monkeypatch.setattr(sync, "_copy_bytes", copy)
+    trash = tmp_path / "trash"
+    result, events = sync_once(src, dst, checksum=True, trash=str(trash))
+    assert result.exact
+    assert [(e.action, e.path) for e in events] == [("trash", "big.bin"), ("update", "big.bin")]
+    assert len(threads) == 1 and threads[0] is not threading.main_thread()
+    assert (dst / "big.bin").read_bytes() == b"b" * 5000
+    kept = [p for p in trash.rglob("big.bin")]
+    assert len(kept) == 1 and kept[0].read_bytes() == b"a" * 5000
