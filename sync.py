@@ -1390,6 +1390,9 @@ class _Changes:
         return self.copy(sd, dd, name, step.want.st.st_size, trash)
 
     def copy(self, sd, dd, name, size: int = 0, trash: str = "") -> _Outcome:
+        """Copy NAME from sd to dd atomically (see _copy_file).  size: the
+        source's size as listed, which a dry run reports; trash: where the
+        old version was kept, passed on in the outcome."""
         try:
             copied, stable = _copy_file(sd, dd, name, self.abort)
         except _Aborted:
