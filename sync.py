@@ -3287,6 +3287,11 @@ def parse_seconds(text: str) -> float:
     return _parse_non_negative(text, float, "a number of seconds")
 
 
+def parse_days(text: str) -> float:
+    """--trash-keep: a number of days, zero or more."""
+    return _parse_non_negative(text, float, "a number of days")
+
+
 def parse_window(text: str) -> float:
     """--modify-window: seconds, zero or more, at most a billion (as nanoseconds it must fit)."""
     value = parse_seconds(text)
@@ -3377,7 +3382,7 @@ def _build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--trash", metavar="DIR",
                         help="instead of destroying what a pass deletes or overwrites, move it to "
                              "DIR/<pass time>/<path> (DIR on REPLICA's file system)")
-    parser.add_argument("--trash-keep", type=parse_seconds, metavar="DAYS",
+    parser.add_argument("--trash-keep", type=parse_days, metavar="DAYS",
                         help="with --trash, remove trash folders of passes older than DAYS")
     parser.add_argument("--modify-window", type=parse_window, metavar="SECONDS", default=0.0,
                         help="count mtimes this close as equal (2 for FAT/exFAT, 1 for some SMB shares)")

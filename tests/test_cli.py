@@ -217,3 +217,82 @@ def test_help_and_version_return_from_main(capsys):
     import sync
     assert sync.main(["--version"]) == 0 and "sync.py" in capsys.readouterr().out
     assert sync.main(["--help"]) == 0 and "--allow-mass-delete" in capsys.readouterr().out
+
+
+HELP = """
+usage: sync.py [-h] [--once] [-n] [-c] [--exclude PATTERN] [--exclude-from FILE] [--delete-excluded]
+[--trash DIR] [--trash-keep DAYS] [--modify-window SECONDS] [-i] [--allow-empty-source] [--max-delete N]
+[--allow-mass-delete] [--workers N] [-q] [-v] [--version] SOURCE REPLICA INTERVAL LOG_FILE
+Keep REPLICA an exact one-way mirror of SOURCE, re-syncing every INTERVAL seconds and logging every
+action to the console and LOG_FILE.
+positional arguments:
+SOURCE folder to copy from (only read)
+REPLICA folder to make identical to SOURCE (created if missing; its parent folder must exist)
+INTERVAL seconds between the starts of two passes
+LOG_FILE file to append the log to (not inside REPLICA)
+options:
+-h, --help show this help message and exit
+--once run one pass and exit: 0 exact mirror, 1 some item failed
+-n, --dry-run log what would be done, change nothing
+-c, --checksum also compare contents of files whose size and mtime match
+--exclude PATTERN leave out paths matching PATTERN on both sides (repeatable): '*.tmp' any name,
+'.git/' folders only, 'cache/**' below a path; see README
+--exclude-from FILE read exclude patterns from FILE, one a line (# starts a comment)
+--delete-excluded remove excluded paths from REPLICA (by default they are left alone)
+--trash DIR instead of destroying what a pass deletes or overwrites, move it to DIR/<pass time>/<path>
+(DIR on REPLICA's file system)
+--trash-keep DAYS with --trash, remove trash folders of passes older than DAYS
+--modify-window SECONDS count mtimes this close as equal (2 for FAT/exFAT, 1 for some SMB shares)
+-i, --itemize print a change code and path per change on stdout, for scripts
+--allow-empty-source let an empty SOURCE empty a non-empty REPLICA (refused by default: an unmounted
+drive looks empty)
+--max-delete N refuse a pass that would delete more than N entries (it changes nothing and fails);
+replaces the default guard below
+--allow-mass-delete let a folder's deletions remove more than half of REPLICA, or empty a replica
+folder of more than 100 entries (refused by default: a wrong REPLICA or an unmounted drive looks like
+this)
+--workers N processes that mirror separate subtrees at once (default: the number of CPUs, at most 8;
+here {workers})
+-q, --quiet console shows only warnings, errors and pass summaries
+-v, --verbose add debug detail
+--version show program's version number and exit
+Exit status: 0 the replica is an exact mirror (or the loop was stopped by Ctrl-C/SIGTERM/SIGHUP); 1 an
+item could not be mirrored, or a safety check refused the pass (with --once); 2 bad arguments or a
+failed precondition, nothing changed.
+"""
+
+
+def test_help_says_exactly_this(cli):
+    # The help is the interface most users read: every word of it is meant.
+    import sync
+    usage = cli("--help")
+    said = " ".join(usage.stdout.replace("optional arguments:", "options:").split())  # 3.10 says the former
+    assert said == " ".join(HELP.format(workers=sync.DEFAULT_WORKERS).split())
+
+
+def test_usage_errors_name_the_arguments(cli):
+    proc = cli("only-source")
+    assert proc.returncode == 2
+    assert "the following arguments are required: REPLICA, INTERVAL, LOG_FILE" in proc.stderr
+    for option, value, message in [("--max-delete", "-3", "expected a whole number of zero or more, not '-3'"),
+                                   ("--trash-keep", "x", "expected a number of days of zero or more, not 'x'"),
+                                   ("--modify-window", "-1", "expected a number of seconds of zero or more, not '-1'"),
+                                   ("--workers", "1.5", "expected a whole number of zero or more, not '1.5'")]:
+        proc = cli("s", "r", "1", "l", option, value)
+        assert proc.returncode == 2 and f"argument {option}: {message}" in proc.stderr, proc.stderr
+
+
+def test_the_cli_raises_its_open_file_limit_for_deep_trees(src, dst, log, cli):
+    # Two descriptors per level of depth: 150 levels need more than a soft
+    # limit of 128, which sync.py raises towards the hard limit at start.
+    import resource
+    folder = src
+    for _ in range(150):
+        folder = folder / "d"
+    folder.mkdir(parents=True)
+    (folder / "leaf").write_text("deep")
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    hard = "unlimited" if hard == resource.RLIM_INFINITY else hard
+    proc = cli(src, dst, 1, log, "--once", "--workers", "1", user_cmd=("prlimit", f"--nofile=128:{hard}"))
+    assert proc.returncode == 0, proc.stderr[-500:]
+    assert (dst / os.path.relpath(folder, src) / "leaf").read_text() == "deep"
