@@ -35,6 +35,23 @@ def test_exclude_rules_for_names_folders_and_paths(src, dst):
     assert (dst / "cache").is_dir() and not list((dst / "cache").iterdir())
 
 
+@pytest.mark.parametrize("pattern, matches, misses", [
+    ("f[ab]", ["fa", "fb"], ["ff", "f[", "fab", "f]", "a"]),
+    ("f[!ab]", ["fc", "f]"], ["fa", "fb", "f/"]),
+    ("f[]a]", ["f]", "fa"], ["fb"]),
+    ("f[a-c]x", ["fax", "fbx", "fcx"], ["fdx", "f-x"]),
+    ("f[ac-]", ["fa", "fc", "f-"], ["fb"]),
+    ("f[z-a]", [], ["fz", "fa", "f-"]),
+    ("f[", ["f["], ["fa"]),
+])
+def test_bracket_expressions_match_exactly_their_members(pattern, matches, misses):
+    excludes = sync.Excludes([pattern])
+    for name in matches:
+        assert excludes.match(name, name, False), name
+    for name in misses:
+        assert not excludes.match(name, name, False), name
+
+
 def test_excluded_replica_entries_are_left_alone_unless_delete_excluded(src, dst):
     make_tree(src, {"keep.txt": "k"})
     make_tree(dst, {"keep.txt": "k", "notes.tmp": "mine", ".git": {"HEAD": "x"}, "other": "o"})
@@ -194,6 +211,20 @@ def test_progress_line_appears_after_two_seconds_and_is_rate_limited():
     assert line == "sync.py: 0 entries checked, 34 files copied (34.0 MiB, 12.4 MiB/s), 0:02 elapsed\x1b[K"
     progress.finish()
     assert stream.getvalue().endswith("\r\x1b[K"), "the line is cleared when the pass ends"
+
+
+def test_progress_counts_copies_and_updates_from_the_start_of_each_pass():
+    stream, clock = io.StringIO(), Clock()
+    clock.now = 1000.0  # a monotonic clock starts anywhere
+    progress = sync._Progress(stream, clock)
+    clock.now = 1001.9
+    progress.event(sync.Event("update", "f", "2048"))
+    assert stream.getvalue() == "", "nothing in the first two seconds"
+    clock.now = 1002.5
+    progress.event(sync.Event("copy", "g", "1024"))
+    progress.event(sync.Event("mkdir", "d"))
+    line = stream.getvalue().split("\r")[-1]
+    assert line == "sync.py: 0 entries checked, 2 files copied (3.0 KiB, 1.2 KiB/s), 0:02 elapsed\x1b[K"
 
 
 def test_progress_counts_the_total_only_for_long_passes_and_shows_what_is_left():
