@@ -48,7 +48,7 @@ def test_a_second_signal_stops_a_large_copy_within_a_second(tmp_path, workers):
     block = os.urandom(1 << 20)
     make_tree(src, {"a": {"big.bin": block * 96}, "b": {"small.txt": "s"}, "c": {"small.txt": "c"}})
     proc = subprocess.Popen([sys.executable, "-c", SLOW_COPY, str(src), str(dst), "1", str(log),
-                             "--once", "--workers", workers],
+                             "--once", "--workers", workers, "--quiet"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
     try:
@@ -64,6 +64,7 @@ def test_a_second_signal_stops_a_large_copy_within_a_second(tmp_path, workers):
     assert took < 2.0, f"the second Ctrl-C took {took:.1f} s to stop a copy"
     assert proc.returncode == 1 and "Traceback" not in err, err
     assert log.read_text().splitlines()[-1].endswith("stopped at once by a second signal (SIGINT)")
+    assert err.splitlines()[-1].endswith("stopped at once by a second signal (SIGINT)"), "even with --quiet"
     assert leftover_temp_files(dst) == [], "the half-written temporary file is removed"
     assert not (dst / "a" / "big.bin").exists()
 
@@ -113,3 +114,29 @@ def test_a_huge_interval_sleeps_instead_of_crashing(src, dst, log):
         proc.kill()
     assert proc.returncode == 0 and "Traceback" not in err and "internal error" not in err
     assert log.read_text().splitlines()[-1].endswith("stopped by SIGTERM")
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_a_first_signal_lets_the_copy_in_flight_finish(tmp_path, workers):
+    # One Ctrl-C asks the pass to stop after the current item: a worker
+    # process that is copying a large file finishes it.
+    if not hasattr(os, "copy_file_range"):
+        pytest.skip("the slowed-down copy needs os.copy_file_range (Linux, Python 3.8+)")
+    src, dst, log = tmp_path / "src", tmp_path / "dst", tmp_path / "sync.log"
+    data = os.urandom(1 << 20) * 24
+    # Enough folders at the top for the tree to be split among the workers.
+    make_tree(src, {"a": {"big.bin": data}, **{f"f{i}": {"small.txt": str(i)} for i in range(10)}})
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_COPY, str(src), str(dst), "1", str(log),
+                             "--once", "--workers", workers],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        wait_for(lambda: leftover_temp_files(dst), "the large copy to begin")
+        os.killpg(proc.pid, signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert "Traceback" not in err, err
+    assert (dst / "a" / "big.bin").read_bytes() == data, "the copy in flight was finished"
+    assert leftover_temp_files(dst) == []
+    assert log.read_text().splitlines()[-1].endswith("stopped by SIGINT")
