@@ -147,3 +147,29 @@ def test_a_read_only_folder_moved_to_the_trash_keeps_its_mode(src, dst, tmp_path
     [kept] = list(trash.glob("*/ro"))
     assert stat.S_IMODE(os.stat(kept).st_mode) == 0o555 and (kept / "f").read_text() == "f"
     assert_mirror(src, dst)
+
+
+def test_a_folder_that_cannot_be_made_writable_is_reported_once_and_left(src, dst, monkeypatch):
+    # x changed kind (file -> folder) inside a read-only folder whose
+    # replica cannot be made writable: one error, and x stays as it was.
+    make_tree(src, {"ro": Dir({"x": "file"}, mode=0o555)})
+    assert sync_once(src, dst)[0].exact
+    os.chmod(src / "ro", 0o755)
+    os.unlink(src / "ro" / "x")
+    os.mkdir(src / "ro" / "x")
+    os.chmod(src / "ro", 0o555)
+    folder = os.stat(dst / "ro")
+    real_chmod = os.chmod
+
+    def chmod(path, mode, *args, **kwargs):
+        if isinstance(path, int) and os.path.samestat(os.fstat(path), folder):
+            raise PermissionError(errno.EPERM, "Operation not permitted")
+        return real_chmod(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(os, "chmod", chmod)
+    result, events = sync_once(src, dst)
+    assert errors(events) == [("ro", "cannot make replica directory writable: Operation not permitted (EPERM)")]
+    assert (dst / "ro" / "x").read_text() == "file"
+    monkeypatch.undo()
+    assert sync_once(src, dst)[0].exact
+    assert_mirror(src, dst)
