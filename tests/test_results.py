@@ -7,8 +7,11 @@ import calendar
 import errno
 import os
 import shutil
+import stat
 import threading
 import time
+
+import pytest
 
 import sync
 from conftest import append_during_copies, paths, run_cli, sync_once
@@ -80,12 +83,20 @@ def test_a_real_rename_still_copies_nothing(src, dst):
 # --- 10. a full disk while several copies run ----------------------------------------
 
 
-def test_a_full_disk_fails_only_what_does_not_fit_on_its_own(src, small_disk, monkeypatch):
+@pytest.mark.parametrize("folder", ["", "deep/read-only"])
+def test_a_full_disk_fails_only_what_does_not_fit_on_its_own(src, small_disk, monkeypatch, folder):
     # A 3 MiB file cannot fit in the 2 MiB replica; while its copy fills the
     # disk, the small files copied beside it fail too, although each fits.
+    # (In a read-only folder, the retries open it below the root, make it
+    # writable for the copy and give it back its mode and mtime.)
     dst = small_disk / "replica"
     small = {f"b{i}.txt": os.urandom(32 * 1024) for i in range(4)}
-    make_tree(src, {"a-big.bin": os.urandom(3 * 1024 * 1024), **small})
+    files = {"a-big.bin": File(os.urandom(3 * 1024 * 1024)), **{n: File(d) for n, d in small.items()}}
+    if folder:
+        make_tree(src, {"deep": {"read-only": Dir(files, mode=0o555)}})
+    else:
+        make_tree(src, files)
+    prefix = folder + "/" if folder else ""
     disk_full, small_tried = threading.Event(), threading.Event()
     real_copy_bytes = sync._copy_bytes
 
@@ -109,11 +120,14 @@ def test_a_full_disk_fails_only_what_does_not_fit_on_its_own(src, small_disk, mo
     monkeypatch.setattr(sync, "_copy_bytes", copy)
     result, events = sync_once(src, dst, workers=1)
     assert [(e.path, e.detail) for e in events if e.action == "error"] == [
-        ("a-big.bin", "cannot copy file: No space left on device (ENOSPC)")]
-    assert sorted(paths(events, "copy")) == sorted(small)
+        (prefix + "a-big.bin", "cannot copy file: No space left on device (ENOSPC)")]
+    assert sorted(paths(events, "copy")) == sorted(prefix + name for name in small)
     for name, data in small.items():
-        assert (dst / name).read_bytes() == data
+        assert (dst / prefix / name).read_bytes() == data
     assert leftover_temp_files(dst) == []
+    if folder:
+        st, source = os.stat(dst / folder), os.stat(src / folder)
+        assert stat.S_IMODE(st.st_mode) == 0o555 and st.st_mtime_ns == source.st_mtime_ns
 
 
 # --- 12. the trash keeps what has not really aged ----------------------------------------
