@@ -2521,10 +2521,14 @@ def run_periodically(source: str, replica: str, interval: float, options: Option
         if elapsed >= interval:
             report(Event("overrun", "", f"{elapsed:.1f}"))
             continue
-        left = interval - elapsed
-        while left > 0 and not stop.is_set():  # in steps: a wait has a largest timeout
+        deadline = started + interval
+        while not stop.is_set():
+            left = deadline - clock()
+            if left <= 0:
+                break
+            # In steps (a wait has a largest timeout), until the clock says
+            # so: a wait may also end early (a nap, a signal).
             stop.wait(min(left, MAX_WAIT))
-            left -= MAX_WAIT
 
 
 # -------------------------------------------- preconditions, at every pass --

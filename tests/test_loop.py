@@ -55,6 +55,16 @@ def test_passes_start_every_interval_start_to_start(monkeypatch):
     assert events == []
 
 
+def test_a_wait_that_ends_early_does_not_start_the_next_pass_early(monkeypatch):
+    # Where the wait cannot be woken by a signal it naps (Windows: 0.25 s at
+    # a time); a signal that is not a stop ends a wait early too.
+    fake = FakeTime([1, 1, 1], passes=3)
+    fake.wait = lambda seconds: setattr(fake, "now", fake.now + min(seconds, 0.25))
+    monkeypatch.setattr(sync.Mirror, "run_pass", fake.run_pass)
+    sync.run_periodically("s", "r", 10, stop=fake, clock=fake.clock)
+    assert fake.starts == [1000.0, 1010.0, 1020.0]
+
+
 def test_a_pass_longer_than_interval_is_followed_at_once_with_a_warning(monkeypatch):
     fake, events = run_fake_loop(monkeypatch, 10, [12, 3, 3])
     assert fake.waits == [7]  # no wait after the long pass
