@@ -223,3 +223,28 @@ def test_with_checksum_and_trash_a_large_file_is_compared_kept_and_copied_in_one
     assert (dst / "big.bin").read_bytes() == b"b" * 5000
     kept = [p for p in trash.rglob("big.bin")]
     assert len(kept) == 1 and kept[0].read_bytes() == b"a" * 5000
+
+
+@pytest.mark.parametrize("where", ["_FanOut", "walk"])
+def test_an_internal_error_mid_pass_closes_every_folder_and_passes_on(src, dst, monkeypatch, where):
+    # A bug (here: an exception injected where the work is handed out, or
+    # into a subtree's walk) must surface as itself, with no folder left open.
+    monkeypatch.setattr(sync, "SPLIT_MIN_TASKS", 1)
+    make_tree(src, {f"d{i}": {"sub": {"f": "x"}} for i in range(4)})
+    if where == "_FanOut":
+        monkeypatch.setattr(sync._FanOut, "run", lambda self: (_ for _ in ()).throw(RuntimeError("bug")))
+        workers = 2
+    else:
+        real_enter = sync._Walk.enter
+
+        def enter(self, frame):
+            if frame.rel == "d2/sub":
+                raise RuntimeError("bug")
+            return real_enter(self, frame)
+
+        monkeypatch.setattr(sync._Walk, "enter", enter)
+        workers = 1
+    before = open_descriptors()
+    with pytest.raises(RuntimeError, match="bug"):
+        sync.run_pass(src, dst, sync.Options(workers=workers))
+    assert open_descriptors() == before
