@@ -2029,7 +2029,11 @@ class _Walk:
                 continue
             try:
                 path, fd = _at(sd, name)
-                st = os.stat(path, dir_fd=fd, follow_symlinks=False)
+                try:
+                    st = os.stat(path, dir_fd=fd, follow_symlinks=False)
+                except FileNotFoundError:  # gone since: as if it had vanished before its copy
+                    self.emit("vanished", rel)
+                    continue
                 if not _has_room(dd, st):
                     self.fail(rel, "copy file", err)
                     continue

@@ -130,6 +130,37 @@ def test_a_full_disk_fails_only_what_does_not_fit_on_its_own(src, small_disk, mo
         assert stat.S_IMODE(st.st_mode) == 0o555 and st.st_mtime_ns == source.st_mtime_ns
 
 
+@pytest.mark.parametrize("then", ["vanishes", "cannot be read"])
+def test_a_file_left_for_a_space_retry_that_vanishes_or_fails_is_reported_as_such(src, small_disk, monkeypatch,
+                                                                                then):
+    dst = small_disk / "replica"
+    make_tree(src, {"a-big.bin": os.urandom(3 * 1024 * 1024), "b.txt": "b"})
+    real_copy_bytes, real_stat = sync._copy_bytes, os.stat
+
+    def copy(fin, fout, size_hint, abort=None):
+        if size_hint > 1024 * 1024:  # fails for space, then the file goes (or turns unreadable)
+            if then == "vanishes":
+                os.unlink(src / "a-big.bin")
+            else:
+                monkeypatch.setattr(os, "stat", stat_denied)
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_copy_bytes(fin, fout, size_hint, abort)
+
+    def stat_denied(path, *args, **kwargs):
+        if path == "a-big.bin":
+            raise PermissionError(errno.EACCES, "Permission denied")
+        return real_stat(path, *args, **kwargs)
+
+    monkeypatch.setattr(sync, "_copy_bytes", copy)
+    result, events = sync_once(src, dst, workers=1)
+    errors = [(e.path, e.detail) for e in events if e.action == "error"]
+    if then == "vanishes":
+        assert errors == [] and paths(events, "vanished") == ["a-big.bin"]
+    else:
+        assert errors == [("a-big.bin", "cannot copy file: Permission denied (EACCES)")]
+    assert not result.exact and (dst / "b.txt").read_text() == "b"
+
+
 # --- 12. the trash keeps what has not really aged ----------------------------------------
 
 
