@@ -4,6 +4,7 @@ output, the start line."""
 import io
 import os
 import pty
+import sys
 import re
 import shutil
 
@@ -75,6 +76,12 @@ def test_exclude_from_file_and_the_cli(src, dst, log, cli, tmp_path):
     assert "--exclude docs/*.pdf --exclude-from " + str(rules) in log.read_text()
     missing = cli(src, dst, 1, log, "--once", "--exclude-from", tmp_path / "nope.txt")
     assert missing.returncode == 2 and "cannot read --exclude-from" in missing.stderr
+    (dst / "junk.tmp").write_text("made in the replica")
+    proc = cli(src, dst, 1, log, "--once", "--exclude-from", rules, "--exclude", "docs/*.pdf")
+    assert proc.returncode == 0 and (dst / "junk.tmp").exists(), "excluded: left alone"
+    proc = cli(src, dst, 1, log, "--once", "--exclude-from", rules, "--exclude", "docs/*.pdf",
+               "--delete-excluded")
+    assert proc.returncode == 0 and not (dst / "junk.tmp").exists()
 
 
 def test_empty_source_check_ignores_excluded_replica_entries(src, dst):
@@ -283,6 +290,26 @@ def test_progress_only_on_a_terminal_and_never_with_quiet():
             assert not sync._Progress.wanted(terminal, quiet=True)
         assert not sync._Progress.wanted(io.StringIO(), quiet=False)
     finally:
+        os.close(master)
+        os.close(slave)
+
+
+def test_the_cli_shows_progress_on_a_terminal(src, dst, log, monkeypatch):
+    master, slave = pty.openpty()
+    try:
+        with open(slave, "w", closefd=False) as terminal:
+            monkeypatch.setattr(sys, "stderr", terminal)
+            args = [str(src), str(dst), "1", str(log), "--once"]
+            reporter = sync._Reporter(sync._Settings(args))
+            assert isinstance(reporter.progress, sync._Progress)
+            consoles = [h for h in reporter.logger.handlers if isinstance(h, sync._Console)]
+            assert [h.progress for h in consoles] == [reporter.progress]
+            assert reporter.checked == reporter.progress.progress
+            quiet = sync._Reporter(sync._Settings(args + ["--quiet"]))
+            assert quiet.progress is None and quiet.checked is None
+    finally:
+        for handler in sync.logging.getLogger("sync").handlers:
+            handler.close()
         os.close(master)
         os.close(slave)
 
