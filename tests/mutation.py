@@ -75,7 +75,11 @@ def judge(work: Path, name: str, timeout: float) -> tuple:
         (scratch / "sync.py").write_text(mutant_source(work, name))
         shutil.copytree(ROOT / "tests", scratch / "tests", ignore=shutil.ignore_patterns("__pycache__"))
         shutil.copy(ROOT / "pyproject.toml", scratch)
-        proc = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "tests"],
+        # test_portable runs other suites again, by path: last, so that a
+        # mutant most tests kill is killed sooner.
+        files = sorted(p.name for p in (scratch / "tests").glob("test_*.py"))
+        files = [f"tests/{f}" for f in files if f != "test_portable.py"] + ["tests/test_portable.py"]
+        proc = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *files],
                               cwd=scratch, env={**os.environ, **SHORT}, capture_output=True, text=True,
                               timeout=timeout)
         last = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else ""
