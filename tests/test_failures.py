@@ -19,6 +19,18 @@ def errors(events):
     return [(e.path, e.detail) for e in events if e.action == "error"]
 
 
+def refuse_chmod_of(monkeypatch, path):
+    """Make every chmod of this folder through a descriptor fail with EPERM."""
+    folder, real_chmod = os.stat(path), os.chmod
+
+    def chmod(target, mode, *args, **kwargs):
+        if isinstance(target, int) and os.path.samestat(os.fstat(target), folder):
+            raise PermissionError(errno.EPERM, "Operation not permitted")
+        return real_chmod(target, mode, *args, **kwargs)
+
+    monkeypatch.setattr(os, "chmod", chmod)
+
+
 def test_reasons_name_the_system_error_or_say_what_happened():
     assert sync._reason(DENIED) == "Permission denied (EACCES)"
     assert sync._reason(OSError(999999, "Strange")) == "Strange"
@@ -61,15 +73,7 @@ def test_a_folder_that_cannot_be_restricted_is_not_entered(src, dst, monkeypatch
     (src / "private" / "new.txt").write_text("secret")
     os.chmod(src / "private", 0o700)
     (src / "other" / "b").write_text("changed")
-    folder = os.stat(dst / "private")
-    real_chmod = os.chmod
-
-    def chmod(path, mode, *args, **kwargs):
-        if isinstance(path, int) and os.path.samestat(os.fstat(path), folder):
-            raise PermissionError(errno.EPERM, "Operation not permitted")
-        return real_chmod(path, mode, *args, **kwargs)
-
-    monkeypatch.setattr(os, "chmod", chmod)
+    refuse_chmod_of(monkeypatch, dst / "private")
     before = snapshot(dst / "private")
     result, events = sync_once(src, dst)
     assert errors(events) == [("private", "cannot restrict the permissions of the replica directory: "
@@ -158,15 +162,7 @@ def test_a_folder_that_cannot_be_made_writable_is_reported_once_and_left(src, ds
     os.unlink(src / "ro" / "x")
     os.mkdir(src / "ro" / "x")
     os.chmod(src / "ro", 0o555)
-    folder = os.stat(dst / "ro")
-    real_chmod = os.chmod
-
-    def chmod(path, mode, *args, **kwargs):
-        if isinstance(path, int) and os.path.samestat(os.fstat(path), folder):
-            raise PermissionError(errno.EPERM, "Operation not permitted")
-        return real_chmod(path, mode, *args, **kwargs)
-
-    monkeypatch.setattr(os, "chmod", chmod)
+    refuse_chmod_of(monkeypatch, dst / "ro")
     result, events = sync_once(src, dst)
     assert errors(events) == [("ro", "cannot make replica directory writable: Operation not permitted (EPERM)")]
     assert (dst / "ro" / "x").read_text() == "file"
