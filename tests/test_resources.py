@@ -248,3 +248,33 @@ def test_an_internal_error_mid_pass_closes_every_folder_and_passes_on(src, dst, 
     with pytest.raises(RuntimeError, match="bug"):
         sync.run_pass(src, dst, sync.Options(workers=workers))
     assert open_descriptors() == before
+
+
+def test_an_internal_error_waits_for_the_copy_threads_before_it_passes_on(src, dst, monkeypatch):
+    # A copy thread still writing when the error surfaces would write into
+    # folders whose descriptors are being closed: the pass waits for it.
+    monkeypatch.setattr(sync, "PARALLEL_MIN_SIZE", 1000)
+    make_tree(src, {"a": {"big.bin": os.urandom(5000)}})
+    raised, checked = threading.Event(), threading.Event()
+    real_copy_bytes = sync._copy_bytes
+
+    def copy(*args):
+        raised.wait(10)  # still copying when the error surfaces
+        checked.wait(2)  # the test looks first, unless the pass waits for this thread
+        return real_copy_bytes(*args)
+
+    real_settle = sync._Walk.settle
+
+    def settle(self, frame, pending):
+        if not pending:  # a folder with no copy under way
+            return real_settle(self, frame, pending)
+        raised.set()
+        raise RuntimeError("bug")
+
+    monkeypatch.setattr(sync, "_copy_bytes", copy)
+    monkeypatch.setattr(sync._Walk, "settle", settle)
+    with pytest.raises(RuntimeError, match="bug"):
+        sync.run_pass(src, dst, sync.Options())
+    running = [t for t in threading.enumerate() if t.name.startswith("sync")]
+    checked.set()
+    assert running == [], "a copy thread outlived the pass"
