@@ -70,6 +70,7 @@ reports what it does through a callback, returns results and raises.  Only
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import errno
 import logging
@@ -162,6 +163,43 @@ _DIR_FD = (
     and not os.environ.get("SYNCPY_NO_DIR_FD")
 )
 
+# Metadata the platform lets a process set (see Keep).  Extended attributes
+# (and the POSIX ACLs Linux stores in them) are read by path: under a
+# directory descriptor, through /proc/self/fd.
+_XATTRS = hasattr(os, "listxattr") and (not _DIR_FD or os.path.isdir("/proc/self/fd"))
+_ACL_KEYS = ("system.posix_acl_access", "system.posix_acl_default")
+_OWNERS = hasattr(os, "chown")
+_HARD_LINKS = hasattr(os, "link")
+_LINK_TIMES = os.utime in os.supports_follow_symlinks
+# Errors that say a file system (not this file) lacks a feature.
+_UNSUPPORTED = {errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS, getattr(errno, "ENOTSUPP", 524)}
+
+
+_CAP_CHOWN, _CAP_SYS_ADMIN = 1 << 0, 1 << 21
+
+
+def _capabilities() -> Optional[int]:
+    """This process's effective capabilities (Linux), or None where unknown."""
+    try:
+        with open("/proc/self/status", encoding="ascii", errors="replace") as status:
+            for line in status:
+                if line.startswith("CapEff:"):
+                    return int(line.split()[1], 16)
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _is_root(capability: int = _CAP_CHOWN) -> bool:
+    """Whether this process may give files to any owner (for _CAP_SYS_ADMIN:
+    write trusted.* and security.* attributes): root, where Linux says so by
+    the capability (root without capabilities may not)."""
+    caps = _capabilities()
+    if caps is not None:
+        return bool(caps & capability)
+    return hasattr(os, "geteuid") and os.geteuid() == 0
+
+
 # Kinds of entry.
 FILE = "file"
 DIR = "directory"
@@ -172,7 +210,7 @@ SPECIAL = "special file"
 
 
 class Entry(NamedTuple):
-    """One directory entry as lstat saw it (st is None for links)."""
+    """One directory entry as lstat saw it."""
 
     kind: str
     st: Optional[os.stat_result]
@@ -205,9 +243,12 @@ ACTIONS = {
     # a symbolic link whose target changed
     "relink": Action("info", "updated link {path} -> {detail}", "would update link {path} -> {detail}",
                      "links updated", "cL.s......."),
-    # permission bits only
-    "chmod": Action("info", "set permissions of {path} to {detail}",
-                    "would set permissions of {path} to {detail}", "permissions set", ".f...p....."),
+    # a file with another name in SOURCE (detail: the name it was linked to)
+    "hardlink": Action("info", "linked {path} to {detail}", "would link {path} to {detail}",
+                       "hard links made", "hf+++++++++"),
+    # metadata of a current entry, set in place (detail: what, see _describe_attrs;
+    # the itemize code comes with the event)
+    "attrs": Action("info", "set {detail} of {path}", "would set {detail} of {path}", "attributes set"),
     # a file, link or special file (detail: its kind)
     "remove": Action("info", "removed {detail} {path}", "would remove {detail} {path}",
                      "removed", "*deleting  "),
@@ -229,10 +270,45 @@ ACTIONS = {
     "vanished": Action("info", "{path} vanished before it could be copied", "", "vanished"),
     # REPLICA's file system cannot store this mtime (detail: what it keeps)
     "clamped": Action("warning", "{path}: the time {detail}", ""),
+    # what the options ask for but REPLICA's file system does not store (once a run)
+    "unstored": Action("warning", "REPLICA's file system does not store {detail}: they are not mirrored", ""),
     # a pass took longer than the interval (detail: its seconds)
     "overrun": Action("warning", "the pass took {detail} s, longer than INTERVAL; starting the next one now", ""),
     "error": Action("error", "{path}: {detail}", ""),  # an item could not be mirrored
 }
+
+
+# rsync's --itemize letters for metadata, by position in its 11-character
+# code (".f...po...x": permissions, owner, xattrs changed), and their names.
+_LETTERS = {"t": (4, "time"), "p": (5, "permissions"), "o": (6, "owner"), "g": (7, "group"),
+            "a": (9, "ACL"), "x": (10, "extended attributes")}
+_KIND_LETTERS = {FILE: "f", DIR: "d", LINK: "L"}
+
+
+def _itemize_attrs(kind: str, letters: str) -> str:
+    """The --itemize code of a metadata change: .f...p....., .L..t......"""
+    code = ["."] * 11
+    code[1] = _KIND_LETTERS.get(kind, "S")
+    for letter in letters:
+        code[_LETTERS[letter][0]] = letter
+    return "".join(code)
+
+
+def _and(parts: list) -> str:
+    """a, b and c"""
+    return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+
+
+def _describe_letters(letters: str, default: str = "") -> str:
+    """owner, permissions and ACL"""
+    names = [_LETTERS[letter][1] for letter in "ogptax" if letter in letters]
+    return _and(names) if names else default
+
+
+def _describe_attrs(letters: str, uid: int, gid: int, mode: Optional[int]) -> str:
+    """What an "attrs" event set: owner 1000, permissions 0o644 and ACL"""
+    values = {"o": f"owner {uid}", "g": f"group {gid}", "p": f"permissions {mode:#o}" if mode is not None else ""}
+    return _and([values.get(letter) or _LETTERS[letter][1] for letter in "ogptax" if letter in letters])
 
 
 def _human(n: int) -> str:
@@ -258,7 +334,7 @@ def _show(path: str) -> str:
 
 
 # Events whose detail is a path or link target, shown escaped like paths.
-_PATH_DETAIL = frozenset({"link", "relink", "move", "trash"})
+_PATH_DETAIL = frozenset({"link", "relink", "move", "trash", "hardlink"})
 
 
 class Event(NamedTuple):
@@ -275,6 +351,7 @@ class Event(NamedTuple):
     # ("allow_empty_source", "allow_mass_delete", "max_delete"); the CLI
     # turns it into the flag to use.
     advice: str = ""
+    code: str = ""  # the --itemize code, where the action's depends on the entry ("attrs")
 
     def text(self, dry_run: bool = False) -> str:
         """One log line's message."""
@@ -288,12 +365,14 @@ class Event(NamedTuple):
 
     def itemized(self) -> str:
         """The --itemize line: change code and path ("" for actions without a code)."""
-        code = ACTIONS[self.action].itemize
+        code = self.code or ACTIONS[self.action].itemize
         if not code:
             return ""
-        path = _show(self.path) + ("/" if self.action in ("mkdir", "rmdir") else "")
+        path = _show(self.path) + ("/" if self.action in ("mkdir", "rmdir") or self.code[1:2] == "d" else "")
         if self.action in ("link", "relink"):
             path += f" -> {_show(self.detail)}"
+        elif self.action == "hardlink":
+            path += f" => {_show(self.detail)}"
         elif self.action == "move":
             path = f"{_show(self.detail)} -> {path}"
         return f"{code} {path}"
@@ -323,6 +402,15 @@ class Options:
     # CLI's {"LOG_FILE": path}); checked at the start of every pass, like the
     # separation of the trees.
     protect: dict = field(default_factory=dict)
+    # Metadata mirrored beside bytes, permission bits and times, where
+    # REPLICA's file system stores it (see Keep): owners only when running as
+    # root, groups the process may give, extended attributes (user.* only
+    # unless root), POSIX ACLs, and names that share one file.
+    owner: bool = True
+    group: bool = True
+    xattrs: bool = True
+    acls: bool = True
+    hard_links: bool = True
 
 
 @dataclass
@@ -336,6 +424,10 @@ class PassResult:
     duration: float = 0.0
     interrupted: bool = False  # stopped early on request
     refused: bool = False  # a safety check refused the pass or a folder: see the error events
+    # What the options ask for but REPLICA's file system does not store
+    # ("owners", "ACLs", ...); and in counts, besides the actions, "missed o"
+    # and "missed g": entries whose owner (group) this process may not give.
+    unstored: list = field(default_factory=list)
 
     @property
     def exact(self) -> bool:
@@ -355,7 +447,123 @@ class PassResult:
         text = f"{head} in {self.duration:.2f} s: {', '.join(parts)}; {_human(self.bytes_copied)} copied"
         if dry_run:
             return text
-        return text + ("; replica is an exact mirror" if self.exact else "; replica is NOT yet an exact mirror")
+        if not self.exact:
+            return text + "; replica is NOT yet an exact mirror"
+        left_out = self.left_out()
+        return text + "; replica is an exact mirror" + (f" except for {left_out}" if left_out else "")
+
+    def left_out(self) -> str:
+        """The metadata an otherwise exact mirror lacks, and why ("": none)."""
+        parts = []
+        if self.counts["missed o"]:
+            parts.append(f"the owners of {self.counts['missed o']:,} entries (only root may give them)")
+        if self.counts["missed g"]:
+            parts.append(f"the groups of {self.counts['missed g']:,} entries (this user is not in them)")
+        if self.unstored:
+            parts.append(f"{_and(self.unstored)} (REPLICA's file system does not store them)")
+        return "; ".join(parts)
+
+
+class Times(NamedTuple):
+    """How a file system stores modification times, as _probe_times found
+    it: in steps of `step` nanoseconds, rounded down, to the nearest or up,
+    and held within [lowest, highest] where it cannot store more (None: as
+    far as the probe could tell, no limit)."""
+
+    step: int = 1
+    rounding: str = "down"
+    lowest: Optional[int] = None
+    highest: Optional[int] = None
+
+    @property
+    def exact(self) -> bool:
+        return self.step == 1 and self.lowest is None and self.highest is None
+
+    def fit(self, ns: int) -> int:
+        """The time this file system keeps when it is asked to store ns."""
+        step = self.step
+        if step > 1:
+            if self.rounding == "down":
+                ns -= ns % step
+            elif self.rounding == "up":
+                ns += -ns % step
+            else:
+                ns = (ns + step // 2) // step * step
+        if self.highest is not None and ns > self.highest:
+            return self.highest
+        if self.lowest is not None and ns < self.lowest:
+            return self.lowest
+        return ns
+
+    def keeps(self, ns: int) -> bool:
+        """ns lies within the range this file system can store."""
+        return not (self.highest is not None and ns > self.highest
+                    or self.lowest is not None and ns < self.lowest)
+
+
+class Stores(NamedTuple):
+    """What REPLICA's file system stores, as _probe_replica found it."""
+
+    times: Times = Times()
+    owners: bool = True
+    xattrs: bool = True
+    acls: bool = True
+    hard_links: bool = True
+
+
+class Keep(NamedTuple):
+    """What a pass mirrors beyond bytes, permission bits and times: the
+    options, narrowed once per run to what this process may set and
+    REPLICA's file system stores (Keep.decide)."""
+
+    owner: bool = False
+    group: bool = False
+    groups: Optional[frozenset] = None  # the group ids this process may give (None: any, as root)
+    # Owners (groups) asked for and stored, so that one this process cannot
+    # give is counted as not mirrored (PassResult.missed).
+    owner_asked: bool = False
+    group_asked: bool = False
+    uid: int = -1  # the owner and group a file this process creates gets
+    gid: int = -1
+    xattrs: bool = False
+    every_namespace: bool = False  # root: trusted.* and security.* besides user.*
+    acls: bool = False
+    hard_links: bool = False
+    link_times: bool = False  # times of symbolic links (set without following them)
+
+    @classmethod
+    def decide(cls, options: "Options", stores: Stores) -> tuple["Keep", list]:
+        """(what to keep, what the options ask for that REPLICA's file
+        system does not store)."""
+        root = _is_root()
+        unstored = [what for what, asked, stored in (
+            ("owners", options.owner and root or options.group, stores.owners),
+            ("extended attributes", options.xattrs and _XATTRS, stores.xattrs),
+            ("ACLs", options.acls and _XATTRS, stores.acls),
+            ("hard links", options.hard_links and _HARD_LINKS, stores.hard_links)) if asked and not stored]
+        groups = None
+        if not root and hasattr(os, "getgroups"):
+            groups = frozenset([*os.getgroups(), os.getegid()])
+        keep = cls(owner=options.owner and root and stores.owners,
+                   group=options.group and stores.owners and _OWNERS, groups=groups,
+                   owner_asked=options.owner and stores.owners and _OWNERS,
+                   group_asked=options.group and stores.owners and _OWNERS,
+                   uid=os.geteuid() if _OWNERS else -1, gid=os.getegid() if _OWNERS else -1,
+                   xattrs=options.xattrs and _XATTRS and stores.xattrs, every_namespace=_is_root(_CAP_SYS_ADMIN),
+                   acls=options.acls and _XATTRS and stores.acls,
+                   hard_links=options.hard_links and _HARD_LINKS and stores.hard_links,
+                   link_times=_LINK_TIMES)
+        return keep, unstored
+
+    @property
+    def any_xattrs(self) -> bool:
+        return self.xattrs or self.acls
+
+    def wants(self, key: str) -> bool:
+        """Whether the extended attribute key is mirrored (ACLs are stored as system.posix_acl_*)."""
+        if key.startswith("system.posix_acl_"):
+            return self.acls
+        return self.xattrs and (self.every_namespace or key.startswith("user."))
 
 
 class UsageError(Exception):
@@ -542,17 +750,69 @@ def _scan(d) -> tuple[dict, list]:
         for item in listing:
             name = item.name
             try:
-                if item.is_symlink():  # answered by d_type: no stat needed
+                st = item.stat(follow_symlinks=False)
+                kind = kinds.get(st.st_mode & ifmt, SPECIAL)
+                if kind == LINK:
                     path, fd = _at(d, name)
-                    entries[name] = make(Entry, (LINK, None, os.readlink(path, dir_fd=fd)))
+                    entries[name] = make(Entry, (LINK, st, os.readlink(path, dir_fd=fd)))
                 else:
-                    st = item.stat(follow_symlinks=False)
-                    entries[name] = make(Entry, (kinds.get(st.st_mode & ifmt, SPECIAL), st, None))
+                    entries[name] = make(Entry, (kind, st, None))
             except FileNotFoundError:
                 continue
             except OSError as err:
                 failed.append((name, err))
     return entries, failed
+
+
+def _xattr_path(d, name):
+    """A path that reaches entry NAME of directory handle d for the *xattr
+    calls, which take no dir_fd (used with follow_symlinks=False)."""
+    return f"/proc/self/fd/{d}/{name}" if _DIR_FD else os.path.join(d, name)
+
+
+_NO_XATTRS: dict = {}
+
+
+def _read_xattrs(target, keep: "Keep", follow: bool = False) -> dict:
+    """The extended attributes of target (a path, or a descriptor) that
+    keep mirrors, as {key: value}.  A file system without them has none."""
+    try:
+        keys = os.listxattr(target, follow_symlinks=follow)
+    except OSError as err:
+        if err.errno in _UNSUPPORTED:
+            return _NO_XATTRS
+        raise
+    if not keys:
+        return _NO_XATTRS
+    found = {}
+    for key in keys:
+        if keep.wants(key):
+            try:
+                found[key] = os.getxattr(target, key, follow_symlinks=follow)
+            except OSError as err:
+                if err.errno != errno.ENODATA:  # removed since it was listed
+                    raise
+    return found
+
+
+def _list_xattrs(d, entries: dict, names, keep: "Keep", failed: list) -> dict:
+    """{name: xattrs} for those of NAMES in entries (files and folders) that
+    have any; an entry whose attributes cannot be read goes to failed."""
+    found = {}
+    for name in names:
+        entry = entries.get(name)
+        if entry is None or entry.kind not in (FILE, DIR):
+            continue
+        try:
+            xattrs = _read_xattrs(_xattr_path(d, name), keep)
+        except FileNotFoundError:
+            continue
+        except OSError as err:
+            failed.append((name, err))
+            continue
+        if xattrs:
+            found[name] = xattrs
+    return found
 
 
 def _same_signature(src: os.stat_result, dst: os.stat_result, window_ns: int = 0,
@@ -597,43 +857,6 @@ def _same_contents(sd, dd, name, dst_name=None, abort=None) -> bool:
             os.close(fb)
     finally:
         os.close(fa)
-
-
-class Times(NamedTuple):
-    """How a file system stores modification times, as _probe_times found
-    it: in steps of `step` nanoseconds, rounded down, to the nearest or up,
-    and held within [lowest, highest] where it cannot store more (None: as
-    far as the probe could tell, no limit)."""
-
-    step: int = 1
-    rounding: str = "down"
-    lowest: Optional[int] = None
-    highest: Optional[int] = None
-
-    @property
-    def exact(self) -> bool:
-        return self.step == 1 and self.lowest is None and self.highest is None
-
-    def fit(self, ns: int) -> int:
-        """The time this file system keeps when it is asked to store ns."""
-        step = self.step
-        if step > 1:
-            if self.rounding == "down":
-                ns -= ns % step
-            elif self.rounding == "up":
-                ns += -ns % step
-            else:
-                ns = (ns + step // 2) // step * step
-        if self.highest is not None and ns > self.highest:
-            return self.highest
-        if self.lowest is not None and ns < self.lowest:
-            return self.lowest
-        return ns
-
-    def keeps(self, ns: int) -> bool:
-        """ns lies within the range this file system can store."""
-        return not (self.highest is not None and ns > self.highest
-                    or self.lowest is not None and ns < self.lowest)
 
 
 # Times with and without sub-second parts, odd and even seconds: enough to
@@ -685,6 +908,76 @@ def _probe_times(dd) -> Times:
             os.utime(dd, ns=(folder.st_atime_ns, folder.st_mtime_ns))
         except OSError:
             pass  # the walk sets it anyway when the pass goes on
+
+
+def _probe_replica(dd) -> Stores:
+    """Learn what the file system of directory dd stores: times (see
+    _probe_times), owners, extended attributes, ACLs and hard links, tried
+    on a temporary file there.  What the probe cannot try counts as stored:
+    a real failure is then reported where it happens."""
+    times = _probe_times(dd)
+    try:
+        folder = os.stat(dd)
+        path, fd, out = _create_temp(dd, _create_temp_file)
+    except OSError:
+        return Stores(times)
+    found = {}
+    try:
+        target = out if _DIR_FD else path
+        found["owners"] = _stores_owners(target)
+        if _XATTRS:
+            found["xattrs"] = _stores(lambda: os.setxattr(target, "user.syncpy-probe", b"1"))
+            # An ACL-less file answers ENODATA where ACLs are stored.
+            found["acls"] = _stores(lambda: os.getxattr(target, _ACL_KEYS[0]), errno.ENODATA)
+        if _HARD_LINKS:
+            def link(new, dir_fd):
+                os.link(path, new, src_dir_fd=fd, dst_dir_fd=dir_fd, follow_symlinks=False)
+            try:
+                second, second_fd, _ = _create_temp(dd, link)
+            except OSError as err:
+                found["hard_links"] = err.errno not in (errno.EPERM, errno.EMLINK, *_UNSUPPORTED)
+            else:
+                _discard_temp(second, second_fd)
+    finally:
+        os.close(out)
+        _discard_temp(path, fd)
+        try:
+            os.utime(dd, ns=(folder.st_atime_ns, folder.st_mtime_ns))
+        except OSError:
+            pass  # the walk sets it anyway when the pass goes on
+    return Stores(times, **found)
+
+
+def _stores(attempt, also_fine: int = 0) -> bool:
+    """Whether attempt() shows a feature is there (not refused as unsupported)."""
+    try:
+        attempt()
+    except OSError as err:
+        return err.errno == also_fine or err.errno not in (*_UNSUPPORTED, errno.EPERM)
+    return True
+
+
+def _stores_owners(target) -> bool:
+    """Whether a file's owner and group can be given and are kept: as root,
+    tried with another owner; otherwise, with another group of ours."""
+    if not _OWNERS:
+        return False
+    st = os.stat(target)
+    if _is_root():
+        uid, gid = (st.st_uid + 1) % 65534, (st.st_gid + 1) % 65534
+    else:
+        others = [g for g in os.getgroups() if g != st.st_gid]
+        if not others:
+            return True  # nothing to tell it by: trust it
+        uid, gid = -1, others[0]
+    try:
+        os.chown(target, uid, gid)
+    except OSError as err:
+        if err.errno in (errno.EPERM, errno.EINVAL, *_UNSUPPORTED):
+            return False
+        return True
+    now = os.stat(target)
+    return now.st_gid == gid and (uid == -1 or now.st_uid == uid)
 
 
 def _utc(ns: int) -> str:
@@ -774,15 +1067,90 @@ def _copy_bytes(fin: int, fout: int, size_hint: int, abort=None) -> int:
         total += len(chunk)
 
 
-def _mirrored_mode(src: os.stat_result, dst: os.stat_result) -> int:
-    """The permission bits a replica entry gets: the source's, except that
-    setuid (setgid) is dropped where the replica entry's owner (group) is not
-    the source's, as cp does: a user's setuid program must not become a
-    root-owned one."""
+def _is_sparse(st: os.stat_result) -> bool:
+    """The file holds fewer blocks than its size needs: it has holes (or is
+    compressed, which costs the hole search a few calls)."""
+    blocks = getattr(st, "st_blocks", None)
+    return blocks is not None and st.st_size > COPY_CHUNK and blocks * 512 < st.st_size
+
+
+def _copy_range(fin: int, fout: int, start: int, end: int, abort=None) -> None:
+    """Copy bytes [start, end) of fin to the same place in fout."""
+    fast = getattr(os, "copy_file_range", None)
+    while start < end:
+        if abort is not None and abort():
+            raise _Aborted()
+        count = min(end - start, COPY_CHUNK * 8)
+        n = 0
+        if fast is not None:
+            try:
+                n = fast(fin, fout, count, start, start)
+            except OSError as err:
+                if err.errno not in (errno.EXDEV, errno.EINVAL, errno.EBADF, errno.EPERM, *_UNSUPPORTED):
+                    raise
+                fast = None
+        if not n:  # refused, or a file system that answers 0: the plain way
+            chunk = os.pread(fin, min(count, COPY_CHUNK), start)
+            if not chunk:
+                return  # shrunk meanwhile: the caller's fstat tells
+            n = os.pwrite(fout, chunk, start)
+        start += n
+
+
+def _copy_sparse(fin: int, fout: int, size: int, abort=None) -> int:
+    """Copy a sparse file's data and leave its holes unwritten, so that the
+    copy takes no more space than the source; return its size.  Data is
+    found with SEEK_DATA/SEEK_HOLE where the platform and file system have
+    them; elsewhere, blocks of zeros are skipped."""
+    if hasattr(os, "SEEK_DATA"):
+        try:
+            start = os.lseek(fin, 0, os.SEEK_DATA)
+        except OSError as err:
+            if err.errno == errno.ENXIO:  # no data at all: one hole
+                os.ftruncate(fout, size)
+                return size
+            if err.errno not in (errno.EINVAL, *_UNSUPPORTED):
+                raise
+        else:
+            while start < size:
+                end = min(os.lseek(fin, start, os.SEEK_HOLE), size)
+                _copy_range(fin, fout, start, end, abort)
+                try:
+                    start = os.lseek(fin, end, os.SEEK_DATA)
+                except OSError as err:
+                    if err.errno != errno.ENXIO:
+                        raise
+                    break
+            os.ftruncate(fout, size)
+            return size
+    os.lseek(fin, 0, os.SEEK_SET)
+    zeros, position = bytes(COPY_CHUNK), 0
+    while True:
+        if abort is not None and abort():
+            raise _Aborted()
+        chunk = os.read(fin, COPY_CHUNK)
+        if not chunk:
+            break
+        if chunk == zeros[:len(chunk)]:
+            os.lseek(fout, len(chunk), os.SEEK_CUR)
+        else:
+            view = memoryview(chunk)
+            while view:
+                view = view[os.write(fout, view):]
+        position += len(chunk)
+    os.ftruncate(fout, position)
+    return position
+
+
+def _mirrored_mode(src: os.stat_result, uid: int, gid: int) -> int:
+    """The permission bits a replica entry owned by uid:gid gets: the
+    source's, except that setuid (setgid) is dropped where that owner
+    (group) is not the source's, as cp does: a user's setuid program must
+    not become a root-owned one."""
     mode = stat.S_IMODE(src.st_mode)
-    if mode & stat.S_ISUID and src.st_uid != dst.st_uid:
+    if mode & stat.S_ISUID and src.st_uid != uid:
         mode &= ~stat.S_ISUID
-    if mode & stat.S_ISGID and src.st_gid != dst.st_gid:
+    if mode & stat.S_ISGID and src.st_gid != gid:
         mode &= ~stat.S_ISGID
     return mode
 
@@ -790,24 +1158,61 @@ def _mirrored_mode(src: os.stat_result, dst: os.stat_result) -> int:
 _SET_ID = stat.S_ISUID | stat.S_ISGID
 
 
-def _set_file_stat(fout: int, path, dir_fd, st: os.stat_result) -> None:
-    """Give a freshly written file the source's permission bits and times."""
+def _set_file_stat(fout: int, path, dir_fd, st: os.stat_result, attrs: Optional["_Attrs"],
+                   keep: Optional["Keep"]) -> None:
+    """Give a freshly written file the source's owner and extended
+    attributes (as attrs says), permission bits and times."""
     mode = stat.S_IMODE(st.st_mode)
     times = (st.st_atime_ns, st.st_mtime_ns)
+    if attrs is not None:
+        _give_attrs(fout if _DIR_FD else path, attrs, keep)
     if _DIR_FD:
         if mode & _SET_ID:
-            mode = _mirrored_mode(st, os.fstat(fout))
+            now = os.fstat(fout)
+            mode = _mirrored_mode(st, now.st_uid, now.st_gid)
         os.chmod(fout, mode)
         os.utime(fout, ns=times)
     else:  # by path (Windows, and SYNCPY_NO_DIR_FD), after the data is flushed
         if mode & _SET_ID:
-            mode = _mirrored_mode(st, os.stat(path))
+            now = os.stat(path)
+            mode = _mirrored_mode(st, now.st_uid, now.st_gid)
         os.utime(path, ns=times)
         os.chmod(path, mode)
 
 
-def _copy_file(sd, dd, name, abort=None) -> tuple[int, bool]:
-    """Copy NAME from directory sd to directory dd atomically.
+def _set_xattrs(target, want: dict, have: dict, follow: bool = True) -> None:
+    """Make target's mirrored extended attributes exactly want (have: what
+    it has now, as _read_xattrs read it)."""
+    for key in have:
+        if key not in want:
+            try:
+                os.removexattr(target, key, follow_symlinks=follow)
+            except OSError as err:
+                if err.errno != errno.ENODATA:
+                    raise
+    for key, value in want.items():
+        if have.get(key) != value:
+            os.setxattr(target, key, value, follow_symlinks=follow)
+
+
+def _give_attrs(target, attrs: "_Attrs", keep: "Keep", follow: bool = True, dir_fd=None) -> None:
+    """Give a replica entry (a path, or a descriptor) the owner, extended
+    attributes and permission bits attrs holds, in that order: a chown
+    clears setuid bits and file capabilities (security.capability), and an
+    ACL sets the group bits."""
+    if attrs.uid != -1 or attrs.gid != -1:
+        os.chown(target, attrs.uid, attrs.gid, dir_fd=dir_fd, follow_symlinks=follow)
+    if attrs.xattrs is not None:
+        have = attrs.have_x if attrs.have_x is not None else _read_xattrs(target, keep, follow)
+        _set_xattrs(target, attrs.xattrs, have, follow)
+    if attrs.mode is not None:  # never for a link (Linux has no lchmod)
+        os.chmod(target, attrs.mode)
+
+
+def _copy_file(sd, dd, name, abort=None, attrs=None, keep=None) -> tuple[int, bool]:
+    """Copy NAME from directory sd to directory dd atomically, holes of a
+    sparse file left as holes; attrs (and keep): the owner and extended
+    attributes it gets besides permission bits and times.
 
     Returns (bytes copied, stable) where stable is False when the source's size
     or mtime changed during the copy.  The replica then carries the pre-copy
@@ -829,13 +1234,16 @@ def _copy_file(sd, dd, name, abort=None) -> tuple[int, bool]:
         tmp_path, tmp_fd, fout = _create_temp(dd, _create_temp_file)
         try:
             try:
-                copied = _copy_bytes(fin, fout, before.st_size, abort)
+                if _is_sparse(before):
+                    copied = _copy_sparse(fin, fout, before.st_size, abort)
+                else:
+                    copied = _copy_bytes(fin, fout, before.st_size, abort)
                 if _DIR_FD:
-                    _set_file_stat(fout, tmp_path, tmp_fd, before)
+                    _set_file_stat(fout, tmp_path, tmp_fd, before, attrs, keep)
             finally:
                 os.close(fout)
             if not _DIR_FD:  # by path, once the data is written and the file closed
-                _set_file_stat(fout, tmp_path, tmp_fd, before)
+                _set_file_stat(fout, tmp_path, tmp_fd, before, attrs, keep)
             after = os.fstat(fin)
             final_path, final_fd = _at(dd, name)
             os.replace(tmp_path, final_path, src_dir_fd=tmp_fd, dst_dir_fd=final_fd)
@@ -855,10 +1263,14 @@ def _discard_temp(path, dir_fd) -> None:
         pass  # already gone, or its folder is unusable: the next pass removes it
 
 
-def _make_link(dd, name, target: str) -> None:
-    """Create or replace the link NAME -> target, atomically."""
+def _make_link(dd, name, target: str, attrs: Optional["_Attrs"] = None,
+               st: Optional[os.stat_result] = None) -> None:
+    """Create or replace the link NAME -> target, atomically; with the
+    owner attrs gives and the time of st."""
     tmp_path, fd, _ = _create_temp(dd, lambda path, dir_fd: os.symlink(target, path, dir_fd=dir_fd))
     try:
+        if st is not None:
+            _set_link_attrs(dd, os.path.basename(tmp_path), attrs or _NO_ATTRS, st)
         final_path, _ = _at(dd, name)
         os.replace(tmp_path, final_path, src_dir_fd=fd, dst_dir_fd=fd)
     except BaseException:
@@ -866,18 +1278,19 @@ def _make_link(dd, name, target: str) -> None:
         raise
 
 
-def _chmod_file(dd, name, mode: int, expected: os.stat_result) -> None:
-    """Set the permission bits of a replica file in place, never via a link.
+def _set_file_attrs(dd, name, attrs: "_Attrs", keep: "Keep", expected: os.stat_result) -> None:
+    """Give a replica file its owner, extended attributes and permission
+    bits in place, never via a link, and only while it is the file listed.
 
     On Linux the file is opened with O_PATH, which needs no permission on
     the file itself, so a replica file of mode 000 can be given its new mode
-    by its owner; the chmod goes through /proc/self/fd to that very inode.
+    by its owner; the changes go through /proc/self/fd to that very inode.
     """
     path, fd = _at(dd, name)
     if not _DIR_FD:  # by path: a link swapped in between is the stated window
         if not os.path.samestat(os.lstat(path), expected):
             raise OSError(errno.ESTALE, "replaced while being updated")
-        os.chmod(path, mode)
+        _give_attrs(path, attrs, keep)
         return
     access = _O_PATH or os.O_RDONLY | _O_NONBLOCK
     handle = os.open(path, access | _O_NOFOLLOW | _O_CLOEXEC, dir_fd=fd)
@@ -885,9 +1298,19 @@ def _chmod_file(dd, name, mode: int, expected: os.stat_result) -> None:
         st = os.fstat(handle)
         if not (stat.S_ISREG(st.st_mode) and os.path.samestat(st, expected)):
             raise OSError(errno.ESTALE, "replaced while being updated")
-        os.chmod(f"/proc/self/fd/{handle}" if _O_PATH else handle, mode)
+        _give_attrs(f"/proc/self/fd/{handle}" if _O_PATH else handle, attrs, keep)
     finally:
         os.close(handle)
+
+
+def _set_link_attrs(dd, name, attrs: "_Attrs", st: os.stat_result) -> None:
+    """Give a replica link its owner and group (attrs) and the time of st,
+    without following it."""
+    path, fd = _at(dd, name)
+    if attrs.uid != -1 or attrs.gid != -1:
+        os.chown(path, attrs.uid, attrs.gid, dir_fd=fd, follow_symlinks=False)
+    if _LINK_TIMES:
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns), dir_fd=fd, follow_symlinks=False)
 
 
 def _make_writable(d, mode: int) -> int:
@@ -1047,6 +1470,8 @@ class _Listing(NamedTuple):
     dst: Optional[dict] = None  # the walk updates it as it renames and removes
     dst_unreadable: Optional[list] = None
     failure: Optional[tuple] = None  # (what could not be done, OSError)
+    src_x: dict = _NO_XATTRS  # name -> extended attributes, for source entries that have any
+    dst_x: dict = _NO_XATTRS  # the same for the replica entries of those names
 
 
 class _Plan(NamedTuple):
@@ -1145,52 +1570,137 @@ def _match_moves(gone: dict, new: dict):
     return sorted((olds[k], name) for k, name in unique(new).items() if k in olds)
 
 
+class _Attrs(NamedTuple):
+    """Metadata a replica entry gets besides its bytes (see _attrs)."""
+
+    # What differs from the source, in rsync's --itemize letters: o owner,
+    # g group, p permission bits, t time (of a link), a ACL, x other xattrs.
+    letters: str = ""
+    uid: int = -1  # the owner it gets (-1: left as it is)
+    gid: int = -1  # the group it gets (-1: left as it is)
+    mode: Optional[int] = None  # the permission bits it gets (None: left; links have none)
+    xattrs: Optional[dict] = None  # all the extended attributes it gets (None: left as they are)
+    have_x: Optional[dict] = None  # those it has now (None: not known, read them first)
+    # What differs but cannot be mirrored by this process: "o" (an owner
+    # needs root), "g" (a group the process is not a member of).
+    missed: str = ""
+
+
+_NO_ATTRS = _Attrs()
+
+
+def _attrs(want: Entry, have: Optional[os.stat_result], keep: Keep, wx: dict = _NO_XATTRS,
+           hx: dict = _NO_XATTRS, fit=None) -> _Attrs:
+    """What a replica entry with stat have (None: one about to be created
+    by this process) needs to match the source entry want in owner, group,
+    permission bits, extended attributes and ACLs (wx, hx: each side's, as
+    listed), and, for a link, its time (fit: how the replica stores it)."""
+    ws = want.st
+    letters = missed = ""
+    uid, gid = (have.st_uid, have.st_gid) if have is not None else (keep.uid, keep.gid)
+    new_uid = new_gid = -1
+    if ws.st_uid != uid and keep.owner_asked:
+        if keep.owner:
+            letters, new_uid, uid = "o", ws.st_uid, ws.st_uid
+        else:
+            missed = "o"
+    if ws.st_gid != gid and keep.group_asked:
+        if keep.group and (keep.groups is None or ws.st_gid in keep.groups):
+            letters, new_gid, gid = letters + "g", ws.st_gid, ws.st_gid
+        else:
+            missed += "g"
+    mode = None
+    if want.kind != LINK:
+        mode = _mirrored_mode(ws, uid, gid)
+        if have is not None and mode != stat.S_IMODE(have.st_mode):
+            letters += "p"
+    elif have is not None and keep.link_times:
+        if (fit(ws.st_mtime_ns) if fit else ws.st_mtime_ns) != have.st_mtime_ns:
+            letters += "t"
+    xattrs = None
+    if keep.any_xattrs and want.kind != LINK:
+        xattrs = wx
+        if have is None:
+            have_x = None  # a new file may inherit a default ACL: read it then
+        else:
+            have_x = hx
+            if wx != hx:
+                acl = any(wx.get(key) != hx.get(key) for key in _ACL_KEYS)
+                rest = _without_acls(wx) != _without_acls(hx)
+                letters += "a" * acl + "x" * rest
+        return _Attrs(letters, new_uid, new_gid, mode, xattrs, have_x, missed)
+    return _Attrs(letters, new_uid, new_gid, mode, None, None, missed)
+
+
+def _without_acls(xattrs: dict) -> dict:
+    return {key: value for key, value in xattrs.items() if key not in _ACL_KEYS}
+
+
 class _Step(NamedTuple):
     """One thing a wanted entry needs, as _steps decided it."""
 
-    kind: str  # "copy", "update", "compare", "chmod", "link", "relink", "mkdir" or "enter"
+    # "copy", "update", "compare", "attrs", "link", "relink", "mkdir",
+    # "enter" or "hardlinked" (left to the hard-link phase, _Walk.link_groups)
+    kind: str
     name: str
     want: Entry  # the source entry
     have: Optional[Entry]  # the replica entry, if any
-    mode: int = 0  # for "chmod": the permission bits the replica file gets
+    attrs: _Attrs = _NO_ATTRS  # the metadata the replica entry gets (see _attrs)
 
 
-_FILE_STEPS = frozenset({"copy", "update", "compare", "chmod"})
+_FILE_STEPS = frozenset({"copy", "update", "compare", "attrs"})
 
 
-def _steps(wanted: dict, dst: dict, keep: set, checksum: bool, window: int, times: Times) -> list:
+def _steps(wanted: dict, dst: dict, keep: set, checksum: bool, window: int, times: Times,
+           meta: Keep = Keep(), src_x: dict = _NO_XATTRS, dst_x: dict = _NO_XATTRS) -> list:
     """What each wanted entry needs, in name order, once the walk has
     carried out the moves and removals (dst as they left it).  A file is
     current when its size and mtime equal the replica's (as REPLICA's file
     system stores times, within window); checksum: then also compared by
-    its bytes ("compare")."""
+    its bytes ("compare").  meta: the metadata mirrored (src_x, dst_x: the
+    extended attributes as listed), set in place on a current entry
+    ("attrs").  A file with other names (hard links) is left to the
+    hard-link phase when meta keeps them."""
     steps = []
     fit = None if times.exact else times.fit
+    none = _NO_XATTRS
     for name in sorted(wanted):
         want, have = wanted[name], dst.get(name)
         if name in keep:
             continue
         kind = want.kind
+        ws = want.st
         if kind == FILE:
+            if meta.hard_links and ws.st_nlink > 1:
+                steps.append(_Step("hardlinked", name, want, have))
+                continue
             if have is None:
-                steps.append(_Step("copy", name, want, None))
+                steps.append(_Step("copy", name, want, None, _attrs(want, None, meta, src_x.get(name, none))))
                 continue
             # The no-change test, inline: it runs for nearly every file of most passes.
-            ws, hs = want.st, have.st
+            hs = have.st
             if not (ws.st_size == hs.st_size
                     and abs((fit(ws.st_mtime_ns) if fit else ws.st_mtime_ns) - hs.st_mtime_ns) <= window):
-                steps.append(_Step("update", name, want, have))
-            elif checksum:
-                steps.append(_Step("compare", name, want, have))
-            elif ws.st_mode != hs.st_mode:
-                mode = _mirrored_mode(ws, hs)
-                if mode != stat.S_IMODE(hs.st_mode):
-                    steps.append(_Step("chmod", name, want, have, mode))
+                steps.append(_Step("update", name, want, have, _attrs(want, None, meta, src_x.get(name, none))))
+                continue
+            attrs = _NO_ATTRS
+            if (ws.st_mode != hs.st_mode or ws.st_uid != hs.st_uid or ws.st_gid != hs.st_gid
+                    or name in src_x or name in dst_x):
+                attrs = _attrs(want, hs, meta, src_x.get(name, none), dst_x.get(name, none))
+            if checksum:
+                steps.append(_Step("compare", name, want, have, attrs))
+            elif attrs.letters or attrs.missed:
+                steps.append(_Step("attrs", name, want, have, attrs))
         elif kind == LINK:
             if have is None:
-                steps.append(_Step("link", name, want, None))
+                steps.append(_Step("link", name, want, None, _attrs(want, None, meta)))
             elif have.target != want.target:
-                steps.append(_Step("relink", name, want, have))
+                steps.append(_Step("relink", name, want, have, _attrs(want, None, meta)))
+            elif (ws.st_uid != have.st.st_uid or ws.st_gid != have.st.st_gid
+                  or meta.link_times and ws.st_mtime_ns != have.st.st_mtime_ns):
+                attrs = _attrs(want, have.st, meta, fit=fit)
+                if attrs.letters or attrs.missed:
+                    steps.append(_Step("attrs", name, want, have, attrs))
         else:
             steps.append(_Step("mkdir" if have is None else "enter", name, want, have))
     return steps
@@ -1238,7 +1748,8 @@ class _Done:
 class _Changes:
     """The real executor: changes REPLICA (and TRASH) as the walk asks."""
 
-    def __init__(self, options: Options, trash, trash_stamp: str, should_stop, abort):
+    def __init__(self, options: Options, trash, trash_stamp: str, should_stop, abort, keep: Keep = Keep()):
+        self.keep = keep  # the metadata mirrored
         self.trash = trash if options.trash else None  # TRASH's handle, with the trash policy
         self.trash_stamp = trash_stamp  # this pass's folder in TRASH
         self.should_stop, self.abort = should_stop, abort
@@ -1261,11 +1772,13 @@ class _Changes:
         """(whether the replica folder of subfolder NAME exists now, the name to open it by)."""
         return dd is not None, name
 
-    def finish_dir(self, dd, src: os.stat_result, mode_now: int, set_times: bool) -> None:
-        """Give a replica folder the source folder's mode and, set_times, its times."""
-        mode = _mirrored_mode(src, os.stat(dd)) if src.st_mode & _SET_ID else stat.S_IMODE(src.st_mode)
-        if mode_now != mode:
-            os.chmod(dd, mode)
+    def finish_dir(self, dd, src: os.stat_result, mode_now: int, set_times: bool, attrs: _Attrs) -> None:
+        """Give a replica folder the source folder's owner and extended
+        attributes (attrs), its mode and, set_times, its times."""
+        if attrs.letters:
+            _give_attrs(dd if _DIR_FD else dd, attrs._replace(mode=None), self.keep)
+        if attrs.mode is not None and (mode_now != attrs.mode or attrs.letters and attrs.mode & _SET_ID):
+            os.chmod(dd, attrs.mode)
         if set_times:
             os.utime(dd, ns=(src.st_atime_ns, src.st_mtime_ns))
 
@@ -1290,21 +1803,37 @@ class _Changes:
         new_path, _ = _at(dd, new)
         os.rename(old_path, new_path, src_dir_fd=fd, dst_dir_fd=fd)
 
-    def make_link(self, dd, name, target: str) -> None:
-        _make_link(dd, name, target)
+    def make_link(self, dd, name, want: Entry, attrs: _Attrs) -> None:
+        _make_link(dd, name, want.target, attrs, want.st)
 
-    def chmod(self, sd, dd, name, have: Entry, mode: int) -> Optional[tuple]:
-        """Give a current replica file new permission bits; returns (what
-        could not be done, OSError) on failure."""
-        if have.st.st_nlink > 1:
-            # A second hard link could reach outside the replica: replace the file instead.
-            outcome = self.copy(sd, dd, name)
-            return (outcome.what, outcome.error) if outcome.result == "failed" else None
+    def set_attrs(self, sd, dd, name, want: Entry, have: Entry, attrs: _Attrs, links: int = 1) -> Optional[tuple]:
+        """Give a current replica entry new metadata in place; returns (what
+        could not be done, OSError) on failure.  links: the names the
+        replica file may have (a hard-link group's)."""
         try:
-            _chmod_file(dd, name, mode, have.st)
+            if have.kind == LINK:
+                _set_link_attrs(dd, name, attrs, want.st)
+                return None
+            if have.st.st_nlink > links:
+                # Another hard link could reach outside the replica: replace the file instead.
+                outcome = self.copy(sd, dd, name, attrs=_attrs(want, None, self.keep, attrs.xattrs or _NO_XATTRS))
+                return (outcome.what, outcome.error) if outcome.result == "failed" else None
+            _set_file_attrs(dd, name, attrs, self.keep, have.st)
         except OSError as err:
-            return ("set permissions", err)
+            return ("set " + _describe_letters(attrs.letters, "attributes"), err)
         return None
+
+    def hard_link(self, leader_dd, leader, dd, name) -> None:
+        """Make NAME in dd another name of the file leader in leader_dd, atomically."""
+        source, sfd = _at(leader_dd, leader)
+        tmp_path, fd, _ = _create_temp(dd, lambda path, dir_fd: os.link(
+            source, path, src_dir_fd=sfd, dst_dir_fd=dir_fd, follow_symlinks=False))
+        try:
+            final_path, _ = _at(dd, name)
+            os.replace(tmp_path, final_path, src_dir_fd=fd, dst_dir_fd=fd)
+        except BaseException:
+            _discard_temp(tmp_path, fd)
+            raise
 
     def unlink(self, d, name) -> None:
         path, fd = _at(d, name)
@@ -1387,14 +1916,18 @@ class _Changes:
                 trash = self.keep_in_trash(dd, name, rel)
             except OSError as err:
                 return _Outcome("failed", what="move the old version to the trash", error=err)
-        return self.copy(sd, dd, name, step.want.st.st_size, trash)
+        attrs = step.attrs
+        if step.kind == "compare":  # the attributes for a new copy
+            attrs = _attrs(step.want, None, self.keep, attrs.xattrs or _NO_XATTRS)
+        return self.copy(sd, dd, name, step.want.st.st_size, trash, attrs)
 
-    def copy(self, sd, dd, name, size: int = 0, trash: str = "") -> _Outcome:
+    def copy(self, sd, dd, name, size: int = 0, trash: str = "", attrs: _Attrs = _NO_ATTRS) -> _Outcome:
         """Copy NAME from sd to dd atomically (see _copy_file).  size: the
         source's size as listed, which a dry run reports; trash: where the
-        old version was kept, passed on in the outcome."""
+        old version was kept, passed on in the outcome; attrs: the owner and
+        extended attributes the copy gets."""
         try:
-            copied, stable = _copy_file(sd, dd, name, self.abort)
+            copied, stable = _copy_file(sd, dd, name, self.abort, attrs, self.keep)
         except _Aborted:
             return _STOPPED._replace(trash=trash)
         except _Vanished:
@@ -1405,13 +1938,19 @@ class _Changes:
             return _Outcome("failed", trash=trash, what="copy file", error=err)
         return _Outcome("copied", copied, stable, trash)
 
-    def copy_into(self, sd, dd, name) -> _Outcome:
-        """copy() into a replica folder outside the walk: made writable for
-        the copy, then given back its mode and the source folder's mtime."""
+    def copy_into(self, sd, dd, name, attrs: _Attrs = _NO_ATTRS) -> _Outcome:
+        """copy() into a replica folder outside the walk (see into())."""
+        with self.into(sd, dd):
+            return self.copy(sd, dd, name, attrs=attrs)
+
+    @contextlib.contextmanager
+    def into(self, sd, dd):
+        """Change a replica folder outside the walk: made writable meanwhile,
+        then given back its mode and the source folder's mtime."""
         mode = stat.S_IMODE(os.stat(dd).st_mode)
         writable = _make_writable(dd, mode)
         try:
-            return self.copy(sd, dd, name)
+            yield
         finally:
             if writable != mode:
                 os.chmod(dd, mode)
@@ -1449,7 +1988,7 @@ class _DryRun(_Changes):
         # A folder "created" has nothing to list; one "moved" is still under its old name.
         return dd is not None and have is not None, moved_from or name
 
-    def finish_dir(self, dd, src, mode_now, set_times):
+    def finish_dir(self, dd, src, mode_now, set_times, attrs):
         pass
 
     def open_doomed(self, d, name):
@@ -1461,11 +2000,18 @@ class _DryRun(_Changes):
     def rename(self, dd, old, new):
         pass
 
-    def make_link(self, dd, name, target):
+    def make_link(self, dd, name, want, attrs):
         pass
 
-    def chmod(self, sd, dd, name, have, mode):
+    def set_attrs(self, sd, dd, name, want, have, attrs, links=1):
         return None
+
+    def hard_link(self, leader_dd, leader, dd, name):
+        pass
+
+    @contextlib.contextmanager
+    def into(self, sd, dd):
+        yield
 
     def unlink(self, d, name):
         pass
@@ -1479,7 +2025,7 @@ class _DryRun(_Changes):
     def remove_trash_folder(self, remove_tree, name):
         return True
 
-    def copy(self, sd, dd, name, size=0, trash=""):
+    def copy(self, sd, dd, name, size=0, trash="", attrs=_NO_ATTRS):
         return _Outcome("planned", size, trash=trash)
 
 
@@ -1489,8 +2035,8 @@ class _DryRun(_Changes):
 class _Frame:
     """A directory pair on the walk's stack."""
 
-    __slots__ = ("parent", "name", "dst_name", "rel", "src_st", "dst_exists", "dst_mode",
-                 "dst_mtime", "sd", "dd", "changed", "writable", "verify")
+    __slots__ = ("parent", "name", "dst_name", "rel", "src_st", "dst_st", "dst_exists", "dst_mode",
+                 "dst_mtime", "sd", "dd", "changed", "writable", "verify", "attrs")
 
     def __init__(self, parent, name, rel, src_st, dst_st, dst_exists):
         self.parent = parent  # the _Frame of the folder that holds it (None: the root)
@@ -1498,6 +2044,7 @@ class _Frame:
         self.dst_name = name  # its name in the replica folder (a dry run's "moved" folder: the old one)
         self.rel = rel  # its path below the roots, for reports
         self.src_st = src_st  # the source folder's lstat, as listed
+        self.dst_st = dst_st  # the replica folder's, as listed (None: created by this pass, or none)
         self.dst_exists = dst_exists  # there is a replica folder to open
         self.dst_mode = stat.S_IMODE(dst_st.st_mode) if dst_st else None  # the replica folder's mode now
         self.dst_mtime = dst_st.st_mtime_ns if dst_st else None  # its mtime as listed
@@ -1509,6 +2056,9 @@ class _Frame:
         # prove nothing there (a copy made with cp -a looks the same), so
         # files are compared by their bytes.
         self.verify = False
+        # The owner and extended attributes it gets (see _attrs), as its
+        # parent's listing found them; finish() sets them.
+        self.attrs = _NO_ATTRS
 
 
 @dataclass
@@ -1523,8 +2073,9 @@ class _Doomed:
     emptied: bool  # False once something inside must stay (then so does the folder)
 
 
-def _list_pair(frame) -> _Listing:
-    """Open (below the root) and list both sides of a directory pair.
+def _list_pair(frame, keep: Keep) -> _Listing:
+    """Open (below the root) and list both sides of a directory pair, with
+    the extended attributes keep mirrors.
 
     Reports nothing: it returns what it found, failures included, and the
     walk reports them.
@@ -1545,13 +2096,15 @@ def _list_pair(frame) -> _Listing:
         src, unreadable = _scan(frame.sd)
     except OSError as err:
         return _Listing(frame.rel, failure=("list directory", err))
+    src_x = _list_xattrs(frame.sd, src, list(src), keep, unreadable) if keep.any_xattrs else _NO_XATTRS
     if frame.dd is None:
-        return _Listing(frame.rel, src, unreadable, {}, [])
+        return _Listing(frame.rel, src, unreadable, {}, [], src_x=src_x)
     try:
         dst, dst_unreadable = _scan(frame.dd)
     except OSError as err:
         return _Listing(frame.rel, failure=("list replica directory", err))
-    return _Listing(frame.rel, src, unreadable, dst, dst_unreadable)
+    dst_x = _list_xattrs(frame.dd, dst, src, keep, dst_unreadable) if keep.any_xattrs else _NO_XATTRS
+    return _Listing(frame.rel, src, unreadable, dst, dst_unreadable, src_x=src_x, dst_x=dst_x)
 
 
 class _MassDeletionGuard:
@@ -1622,6 +2175,8 @@ class _Walk:
         self.roots = None  # the _Roots, while run() runs
         self.protected = frozenset()  # identities no folder inside the trees may have
         self.times = Times()  # how REPLICA stores mtimes (Mirror probes it)
+        self.keep = Keep()  # the metadata mirrored (Mirror decides it)
+        self.links = []  # (device, inode, folder, name) of source files with other names: link_groups()
         self.guard = None  # the _MassDeletionGuard, while run() runs, unless turned off
         self.retries = []  # (folder, name, new, OSError): copies that failed for lack of space
         self.retry_later = True  # False once retry_copies runs: failures are then final
@@ -1681,7 +2236,7 @@ class _Walk:
         self.roots, self.protected = roots, roots.protected
         options = self.options
         executor = _DryRun if options.dry_run else _Changes
-        self.do = executor(options, roots.trash, self.trash_stamp, self.stopping, self.abort)
+        self.do = executor(options, roots.trash, self.trash_stamp, self.stopping, self.abort, self.keep)
         # The default guard, unless an explicit max_delete replaces it or it is turned off.
         if self.guard is None and options.max_delete is None and not options.allow_mass_delete:
             self.guard = _MassDeletionGuard(roots.replica)
@@ -1693,6 +2248,14 @@ class _Walk:
         sd = _dup(roots.source)
         dd = _dup(roots.replica) if roots.replica is not None else None
         root = _Frame(None, None, "", os.stat(sd), os.stat(dd) if dd is not None else None, dd is not None)
+        if roots.replica_created:
+            root.dst_st = None  # as for a folder the walk makes: its attributes are not news
+        if dd is not None and self.keep.any_xattrs:
+            try:
+                root.attrs = _Attrs(xattrs=_read_xattrs(sd, self.keep, True),
+                                    have_x=None if roots.replica_created else _read_xattrs(dd, self.keep, True))
+            except OSError as err:  # left as they are; the rest of the pass goes on
+                self.fail("", "read the extended attributes of the roots", err)
         root.sd, root.dd = sd, dd
         try:
             if self.options.workers > 1 and _CAN_FORK and self.options.max_delete is None:
@@ -1701,6 +2264,8 @@ class _Walk:
                 self.walk(root)
         finally:
             self.do.stop_threads()
+        self.retry_later = False  # a leader's copy must land before its group is linked to it
+        self.link_groups()
         self.retry_copies()
 
     def walk(self, root: _Frame) -> None:
@@ -1776,7 +2341,7 @@ class _Walk:
         """A fresh walk for a worker process: its own results and callbacks,
         this pass's roots, trash folder and knowledge of REPLICA."""
         work = _Walk(self.options, report, should_stop, None, abort)
-        work.times, work.trash_stamp, work.guard = self.times, self.trash_stamp, self.guard
+        work.times, work.keep, work.trash_stamp, work.guard = self.times, self.keep, self.trash_stamp, self.guard
         work.use(self.roots)
         return work
 
@@ -1789,6 +2354,7 @@ class _Walk:
         self.result.refused |= share.refused
         self.deleted += share.deleted
         self.retries += share.retries
+        self.links += share.links
 
     def close(self, frame: _Frame) -> None:
         for d in (frame.sd, frame.dd):
@@ -1805,7 +2371,7 @@ class _Walk:
         cannot be opened or listed, or a safety check refuses the folder.
         """
         rel, options = frame.rel, self.options
-        listing = _list_pair(frame)
+        listing = _list_pair(frame, self.keep)
         if listing.failure:
             # An unlistable source directory must not look empty: touch nothing.
             self.close(frame)
@@ -1846,16 +2412,25 @@ class _Walk:
 
         children, pending = [], []
         checksum = options.checksum or frame.verify
-        for step in _steps(plan.wanted, dst, keep, checksum, options.modify_window_ns, self.times):
+        steps = _steps(plan.wanted, dst, keep, checksum, options.modify_window_ns, self.times,
+                       self.keep, listing.src_x, listing.dst_x)
+        for step in steps:
             if self.stopping():
                 break
+            if step.attrs.missed:
+                self.missed(step.attrs.missed)
             if step.kind in _FILE_STEPS:
                 self.sync_file(frame, step, pending)
+            elif step.kind == "hardlinked":
+                st = step.want.st
+                self.links.append((st.st_dev, st.st_ino, frame.rel, step.name))
             elif step.kind in ("link", "relink"):
                 self.sync_link(frame, step)
             else:
                 child = self.sync_dir(frame, step, moved.get(step.name))
                 if child is not None:
+                    child.attrs = _Attrs(xattrs=listing.src_x.get(step.name, _NO_XATTRS),
+                                         have_x=listing.dst_x.get(step.name, _NO_XATTRS) if step.have else None)
                     children.append(child)
         self.settle(frame, pending)
         return children
@@ -1881,22 +2456,51 @@ class _Walk:
         return True
 
     def finish(self, frame: _Frame) -> None:
-        """Give a replica directory the source's permission bits and mtime."""
+        """Give a replica directory the source's owner, extended attributes,
+        permission bits and mtime; report what changed in a folder that
+        existed, its time aside (it changes with the folder's contents)."""
         try:
             if frame.dd is None:
                 return
             src = frame.src_st
-            set_times = frame.changed or frame.dst_mtime is None or \
+            touched = frame.dst_mtime is not None and \
                 abs(frame.dst_mtime - self.times.fit(src.st_mtime_ns)) > self.options.modify_window_ns
+            set_times = frame.changed or frame.dst_mtime is None or touched
+            keep, have = self.keep, frame.dst_st
+            xattrs = frame.attrs
+            wx, hx = xattrs.xattrs or _NO_XATTRS, xattrs.have_x
             try:
-                self.do.finish_dir(frame.dd, src, frame.dst_mode, set_times)
+                if have is None and (keep.owner or keep.group or keep.any_xattrs or src.st_mode & _SET_ID):
+                    have = os.stat(frame.dd)  # made by this pass
+                    if keep.any_xattrs:
+                        hx = _read_xattrs(frame.dd, keep, True)
+                if have is not None:
+                    attrs = _attrs(Entry(DIR, src), have, keep, wx, hx or _NO_XATTRS)
+                else:
+                    attrs = _Attrs(mode=stat.S_IMODE(src.st_mode))
+                self.do.finish_dir(frame.dd, src, frame.dst_mode, set_times, attrs)
             except OSError as err:
-                self.fail(frame.rel, "set directory permissions and times", err)
+                self.fail(frame.rel, "set directory attributes and times", err)
                 return
+            if attrs.missed:
+                self.missed(attrs.missed)
+            if frame.dst_st is not None and attrs.letters:
+                self.emit_attrs(frame.rel, DIR, attrs.letters, attrs)
             if set_times:
                 self.note_time(frame.rel, src.st_mtime_ns)
         finally:
             self.close(frame)
+
+    def missed(self, letters: str) -> None:
+        """Count metadata that differs but this process may not set."""
+        for letter in letters:
+            self.result.counts["missed " + letter] += 1
+
+    def emit_attrs(self, rel: str, kind: str, letters: str, attrs: _Attrs) -> None:
+        uid, gid = attrs.uid, attrs.gid
+        detail = _describe_attrs(letters, uid, gid, attrs.mode)
+        self.result.counts["attrs"] += 1
+        self.report(Event("attrs", rel, detail, "", _itemize_attrs(kind, letters)))
 
     def note_time(self, rel: str, mtime_ns: int) -> None:
         """Report a modification time the replica's file system cannot store
@@ -1955,11 +2559,13 @@ class _Walk:
         return moved
 
     def sync_file(self, frame, step: _Step, pending: list) -> None:
-        """Carry out one file step: a change of mode now, the rest (compare,
-        copy) queued on pending, in a thread when the file is large."""
+        """Carry out one file step: a change of metadata now (of a link too),
+        the rest (compare, copy) queued on pending, in a thread when the
+        file is large."""
         rel = _join(frame.rel, step.name)
-        if step.kind == "chmod":
-            self.sync_mode(frame, step.name, rel, step.have, step.mode)
+        if step.kind == "attrs":
+            if step.attrs.letters:
+                self.sync_attrs(frame, step.name, rel, step.want, step.have, step.attrs)
             return
         if not self.prepare(frame):
             return
@@ -1972,10 +2578,8 @@ class _Walk:
         for step, rel, job in pending:
             outcome = job.result()
             if outcome.result == "same":
-                want, have = step.want, step.have
-                mode = _mirrored_mode(want.st, have.st)
-                if mode != stat.S_IMODE(have.st.st_mode):
-                    self.sync_mode(frame, step.name, rel, have, mode)
+                if step.attrs.letters:
+                    self.sync_attrs(frame, step.name, rel, step.want, step.have, step.attrs)
                 continue
             self.report_copy(frame.rel, step.name, step.want.st.st_mtime_ns, step.have is None, outcome)
 
@@ -2011,6 +2615,151 @@ class _Walk:
             self.fail(rel, outcome.what, err)
         # "stopped": the pass is ending; the next one does it
 
+    # -- hard links
+
+    def link_groups(self) -> None:
+        """The hard-link phase: each group of source names that share one
+        file (found by the walk, in whichever process) gets one replica
+        file.  The group's first name (in path order, so the same one every
+        pass) is brought up to date like any file; the others are made
+        links to it.  It runs after the walk, in the main process, so a
+        group may span the subtrees of several workers; a folder changed
+        here gets its mode and mtime back.  Memory: one record per name of
+        a file with several, nothing per other file."""
+        groups = {}
+        for dev, ino, folder, name in self.links:
+            groups.setdefault((dev, ino), []).append((folder, name))
+        self.links = []
+        for key, members in sorted(groups.items(), key=lambda item: min(item[1])):
+            if self.stopping():
+                return
+            members.sort()
+            folder, name = members[0]
+            try:
+                sd, dd = self.open_pair(folder)
+            except OSError as err:
+                self.fail(_join(folder, name), "open its folder", err)
+                continue
+            try:
+                leader = self.settle_leader(sd, dd, folder, name, key, len(members))
+                if leader is not None:
+                    for member in members[1:]:
+                        if self.stopping():
+                            break
+                        self.link_member(dd, name, _join(folder, name), leader, key, *member)
+            finally:
+                _close_dir(sd)
+                _close_dir(dd)
+
+    def settle_leader(self, sd, dd, folder, name, key, size):
+        """Bring a group's first name up to date in the replica, as the
+        walk would a lone file; returns (the replica file's identity before,
+        after): None for one not made, None overall when it failed."""
+        rel = _join(folder, name)
+        path, fd = _at(sd, name)
+        try:
+            st = os.stat(path, dir_fd=fd, follow_symlinks=False)
+        except FileNotFoundError:
+            self.emit("vanished", rel)
+            return None
+        if not stat.S_ISREG(st.st_mode) or (st.st_dev, st.st_ino) != key:
+            self.emit("changed", rel, "linked differently")
+            return None
+        keep = self.keep
+        want = Entry(FILE, st)
+        wx = _read_xattrs(_xattr_path(sd, name), keep) if keep.any_xattrs else _NO_XATTRS
+        have = hx = None
+        path, fd = _at(dd, name)
+        try:
+            have_st = os.stat(path, dir_fd=fd, follow_symlinks=False)
+            have = Entry(_KINDS.get(stat.S_IFMT(have_st.st_mode), SPECIAL), have_st)
+            hx = _read_xattrs(_xattr_path(dd, name), keep) if keep.any_xattrs and have.kind == FILE else None
+        except FileNotFoundError:
+            pass
+        before = (have.st.st_dev, have.st.st_ino) if have is not None else None
+        steps = _steps({name: want}, {name: have} if have is not None else {}, set(),
+                       self.options.checksum, self.options.modify_window_ns, self.times,
+                       keep._replace(hard_links=False), {name: wx}, {name: hx or _NO_XATTRS})
+        for step in steps:
+            if step.attrs.missed:
+                self.missed(step.attrs.missed)
+            if step.kind == "attrs":
+                if not step.attrs.letters:
+                    continue
+                with self.do.into(sd, dd):
+                    failure = self.do.set_attrs(sd, dd, name, want, have, step.attrs, size)
+                if failure is not None:
+                    self.fail(rel, *failure)
+                    return None
+                self.emit_attrs(rel, FILE, step.attrs.letters, step.attrs)
+                continue
+            with self.do.into(sd, dd):
+                outcome = self.do.file_work(sd, dd, name, step, rel)
+                if outcome.result == "same" and step.attrs.letters:
+                    failure = self.do.set_attrs(sd, dd, name, want, have, step.attrs, size)
+                    if failure is not None:
+                        self.fail(rel, *failure)
+                        return None
+                    self.emit_attrs(rel, FILE, step.attrs.letters, step.attrs)
+            if outcome.result != "same":
+                self.report_copy(folder, name, st.st_mtime_ns, have is None, outcome)
+            if outcome.result == "planned":  # a dry run: the real pass makes a new file
+                return before, None
+            if outcome.result not in ("same", "copied"):
+                return None
+        try:
+            now = os.stat(path, dir_fd=fd, follow_symlinks=False)
+        except FileNotFoundError:
+            self.error(rel, "the replica file vanished before its other names could be linked to it")
+            return None
+        return before, (now.st_dev, now.st_ino)
+
+    def link_member(self, leader_dd, leader_name, leader_rel, leader, key, folder, name) -> None:
+        """Make one more name of a group a link to the group's replica file."""
+        rel = _join(folder, name)
+        before, after = leader
+        try:
+            sd, dd = self.open_pair(folder)
+        except OSError as err:
+            self.fail(rel, "open its folder", err)
+            return
+        try:
+            path, fd = _at(sd, name)
+            try:
+                st = os.stat(path, dir_fd=fd, follow_symlinks=False)
+            except FileNotFoundError:
+                self.emit("vanished", rel)
+                return
+            if (st.st_dev, st.st_ino) != key:
+                self.emit("changed", rel, "linked differently")
+                return
+            path, fd = _at(dd, name)
+            try:
+                have = os.stat(path, dir_fd=fd, follow_symlinks=False)
+            except FileNotFoundError:
+                have = None
+            if have is not None and after is not None and (have.st_dev, have.st_ino) == after:
+                return  # already a name of that file
+            with self.do.into(sd, dd):
+                if have is not None and self.do.trash is not None and (have.st_dev, have.st_ino) != before:
+                    try:
+                        where = self.do.keep_in_trash(dd, name, rel)
+                    except OSError as err:
+                        self.fail(rel, "move the old version to the trash", err)
+                        return
+                    self.emit("trash", rel, where)
+                try:
+                    self.do.hard_link(leader_dd, leader_name, dd, name)
+                except OSError as err:
+                    self.fail(rel, "create hard link", err)
+                    return
+            self.emit("hardlink", rel, leader_rel)
+        except OSError as err:
+            self.fail(rel, "create hard link", err)
+        finally:
+            _close_dir(sd)
+            _close_dir(dd)
+
     def retry_copies(self) -> None:
         """Copy once more, one at a time, the files that failed for lack of
         space while other copies (threads, worker processes) were writing:
@@ -2037,7 +2786,9 @@ class _Walk:
                 if not _has_room(dd, st):
                     self.fail(rel, "copy file", err)
                     continue
-                self.report_copy(folder, name, st.st_mtime_ns, new, self.do.copy_into(sd, dd, name))
+                attrs = _attrs(Entry(FILE, st), None, self.keep, _read_xattrs(_xattr_path(sd, name), self.keep)
+                               if self.keep.any_xattrs else _NO_XATTRS)
+                self.report_copy(folder, name, st.st_mtime_ns, new, self.do.copy_into(sd, dd, name, attrs))
             except OSError as again:
                 self.fail(rel, "copy file", again)
             finally:
@@ -2064,15 +2815,15 @@ class _Walk:
             raise
         return tuple(handles)
 
-    def sync_mode(self, frame, name, rel, have: Entry, mode: int) -> None:
-        """Contents are current: give the replica file these permission bits."""
-        if have.st.st_nlink > 1 and not self.prepare(frame):
-            return  # replaced rather than changed (see _Changes.chmod): needs the folder writable
-        failure = self.do.chmod(frame.sd, frame.dd, name, have, mode)
+    def sync_attrs(self, frame, name, rel, want: Entry, have: Entry, attrs: _Attrs, links: int = 1) -> None:
+        """Contents are current: give the replica entry this metadata in place."""
+        if have.kind == FILE and have.st.st_nlink > links and not self.prepare(frame):
+            return  # replaced rather than changed (see _Changes.set_attrs): needs the folder writable
+        failure = self.do.set_attrs(frame.sd, frame.dd, name, want, have, attrs, links)
         if failure is not None:
             self.fail(rel, *failure)
             return
-        self.emit("chmod", rel, f"{mode:#o}")
+        self.emit_attrs(rel, have.kind, attrs.letters, attrs)
 
     def sync_link(self, frame, step: _Step) -> None:
         name, want, have = step.name, step.want, step.have
@@ -2082,7 +2833,7 @@ class _Walk:
         if have is not None and self.do.trash is not None and not self.trash(frame, name, rel, have, keep=True):
             return
         try:
-            self.do.make_link(frame.dd, name, want.target)
+            self.do.make_link(frame.dd, name, want, step.attrs)
         except OSError as err:
             self.fail(rel, "create link", err)
             return
@@ -2280,6 +3031,7 @@ class _Share(NamedTuple):
     refused: bool
     deleted: int
     retries: list
+    links: list
 
 
 class _Worker:
@@ -2378,7 +3130,7 @@ class _FanOut:
             batch.clear()
         r = work.result
         conn.send(("share", _Share(dict(r.counts), r.bytes_copied, r.errors, r.interrupted,
-                                   r.refused, work.deleted, work.retries)))
+                                   r.refused, work.deleted, work.retries, work.links)))
         return 0
 
     def hand_out(self, w: _Worker) -> None:
@@ -2665,6 +3417,7 @@ class _Tree:
     def __init__(self, what: str, path: str, mounts: Optional[list], may_be_missing: bool = True):
         self.what, self.path, self.mounts = what, path, mounts
         self.exists, self.orphan, self.handle = True, None, None
+        self.created = False  # made by create(), this pass
         here = path
         while self.handle is None:
             try:
@@ -2724,7 +3477,7 @@ class _Tree:
             self.handle = _open_dir(parent, name)
         finally:
             _close_dir(parent)
-        self.exists = True
+        self.exists = self.created = True
         self.measure(self.mounts, self.path)
 
     def close(self) -> None:
@@ -2824,6 +3577,7 @@ class _Roots:
         self.source = trees["SOURCE"].handle
         self.replica = have["REPLICA"].handle if "REPLICA" in have else None
         self.trash = have["TRASH"].handle if "TRASH" in have else None
+        self.replica_created = trees["REPLICA"].created
         self.protected = frozenset(itertools.chain.from_iterable(
             trees[what].chain for what in ("SOURCE", "REPLICA", "TRASH") if what in have))
 
@@ -2884,7 +3638,7 @@ class Mirror:
         self.source, self.replica = os.fspath(source), os.fspath(replica)
         self.options = options or Options()
         self.replica_fs = None  # (device, file system id) of REPLICA, once a pass has seen it
-        self.times = None  # how REPLICA's file system stores mtimes, once probed
+        self.stores = None  # what REPLICA's file system stores (times, owners, ...), once probed
         self.lock = None  # descriptor holding the lock on REPLICA, once check(lock=True) took it
 
     def check(self, create: bool = False, lock: bool = False) -> Optional[OSError]:
@@ -2975,9 +3729,14 @@ class Mirror:
             work.refuse("", str(err))
         else:
             try:
-                if self.times is None and roots.replica is not None and not options.dry_run:
-                    self.times = _probe_times(roots.replica)
-                work.times = self.times or Times()
+                probed = self.stores is None and roots.replica is not None and not options.dry_run
+                if probed:
+                    self.stores = _probe_replica(roots.replica)
+                stores = self.stores or Stores()
+                work.times = stores.times
+                work.keep, work.result.unstored = Keep.decide(options, stores)
+                if probed and work.result.unstored:  # once a run
+                    work.emit("unstored", "", _and(work.result.unstored))
                 would_delete = _count_deletions(roots, options, work.should_stop, work.times)
                 if would_delete is not None and would_delete > options.max_delete:
                     work.refuse("", f"this pass would delete {would_delete} entries, more than the "

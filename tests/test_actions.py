@@ -15,8 +15,9 @@ CASES = [
     ("mkdir", "", "created directory a/f", "would create directory a/f", "cd+++++++++ a/f/"),
     ("link", "../t", "created link a/f -> ../t", "would create link a/f -> ../t", "cL+++++++++ a/f -> ../t"),
     ("relink", "t2", "updated link a/f -> t2", "would update link a/f -> t2", "cL.s....... a/f -> t2"),
-    ("chmod", "0o600", "set permissions of a/f to 0o600", "would set permissions of a/f to 0o600",
-     ".f...p..... a/f"),
+    ("hardlink", "b/g", "linked a/f to b/g", "would link a/f to b/g", "hf+++++++++ a/f => b/g"),
+    ("attrs", "owner 1000, permissions 0o600 and ACL", "set owner 1000, permissions 0o600 and ACL of a/f",
+     "would set owner 1000, permissions 0o600 and ACL of a/f", ".f...po..a. a/f"),
     ("remove", "file", "removed file a/f", "would remove file a/f", "*deleting   a/f"),
     ("rmdir", "", "removed directory a/f", "would remove directory a/f", "*deleting   a/f/"),
     ("trash", "2026-11-26_101500.123/a/f", "kept old version of a/f in trash as 2026-11-26_101500.123/a/f",
@@ -29,13 +30,17 @@ CASES = [
     ("vanished", "", "a/f vanished before it could be copied", None, ""),
     ("clamped", "2302-01-01 00:00:05 UTC is kept as 2038-01-19 03:14:07 UTC",
      "a/f: the time 2302-01-01 00:00:05 UTC is kept as 2038-01-19 03:14:07 UTC", None, ""),
+    ("unstored", "owners and ACLs",
+     "REPLICA's file system does not store owners and ACLs: they are not mirrored", None, ""),
     ("overrun", "12.5", "the pass took 12.5 s, longer than INTERVAL; starting the next one now", None, ""),
     ("error", "cannot copy file: No space left on device (ENOSPC)",
      "a/f: cannot copy file: No space left on device (ENOSPC)", None, ""),
 ]
 
 SEVERITY = {"skip": "warning", "changed": "warning", "clamped": "warning", "overrun": "warning",
-            "error": "error"}
+            "unstored": "warning", "error": "error"}
+# Actions whose itemize code depends on the entry come with their code.
+CODES = {"attrs": sync._itemize_attrs(sync.FILE, "pao")}
 
 
 def test_every_action_is_written_out_here():
@@ -44,7 +49,7 @@ def test_every_action_is_written_out_here():
 
 @pytest.mark.parametrize("action, detail, done, would, itemized", CASES, ids=[c[0] for c in CASES])
 def test_wording_itemize_code_and_severity(action, detail, done, would, itemized):
-    event = Event(action, "a/f", detail)
+    event = Event(action, "a/f", detail, code=CODES.get(action, ""))
     assert event.text() == done
     assert event.text(dry_run=True) == (would or done)
     assert event.itemized() == itemized
@@ -72,7 +77,7 @@ def test_the_summary_counts_each_action_under_its_label_in_table_order():
         result.counts[action] = 1
     result.counts["copy"] = 4
     labels = ("copied 4, updated 1, moved 1, directories created 1, links created 1, links updated 1, "
-              "permissions set 1, removed 1, directories removed 1, kept in trash 1, "
+              "hard links made 1, attributes set 1, removed 1, directories removed 1, kept in trash 1, "
               "trash folders pruned 1, temporary files removed 1, skipped 1, changed while copying 1, "
               "vanished 1")
     assert result.summary(dry_run=True) == f"dry run finished in 1.23 s: checked 7, {labels}, errors 0; 3.0 MiB copied"
@@ -80,6 +85,22 @@ def test_the_summary_counts_each_action_under_its_label_in_table_order():
                                 "replica is NOT yet an exact mirror")
     clean = PassResult(checked=2, duration=0.5)
     assert clean.summary() == "pass finished in 0.50 s: checked 2, errors 0; 0 bytes copied; replica is an exact mirror"
+    for missed, unstored, text in [
+            ({"missed o": 3}, [], "the owners of 3 entries (only root may give them)"),
+            ({"missed g": 1200}, ["ACLs"], "the groups of 1,200 entries (this user is not in them); "
+                                           "ACLs (REPLICA's file system does not store them)"),
+            ({}, ["owners", "hard links"], "owners and hard links (REPLICA's file system does not store them)")]:
+        left = PassResult(checked=2, duration=0.5, unstored=unstored)
+        left.counts.update(missed)
+        assert left.summary().endswith(f"replica is an exact mirror except for {text}")
     clean.interrupted = True
     assert clean.summary().startswith("pass finished early (stopped) in 0.50 s")
     assert clean.summary().endswith("replica is NOT yet an exact mirror")
+
+
+def test_itemize_codes_of_metadata_put_each_letter_in_rsyncs_place():
+    assert sync._itemize_attrs(sync.FILE, "p") == ".f...p....."
+    assert sync._itemize_attrs(sync.DIR, "ogtax") == ".d..t.og.ax"
+    assert sync._itemize_attrs(sync.LINK, "t") == ".L..t......"
+    assert Event("attrs", "d", "time", code=".d..t......").itemized() == ".d..t...... d/"
+    assert sync._describe_attrs("xpgo", 5, 6, 0o4755) == "owner 5, group 6, permissions 0o4755 and extended attributes"

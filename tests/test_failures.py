@@ -129,7 +129,7 @@ def test_a_replica_file_that_cannot_be_given_its_mode_is_reported(src, dst, monk
     make_tree(src, {"f": File("x", mode=0o644)})
     assert sync_once(src, dst)[0].exact
     os.chmod(src / "f", 0o600)
-    monkeypatch.setattr(sync, "_chmod_file", lambda *args: (_ for _ in ()).throw(DENIED))
+    monkeypatch.setattr(sync, "_set_file_attrs", lambda *args: (_ for _ in ()).throw(DENIED))
     result, events = sync_once(src, dst)
     assert errors(events) == [("f", "cannot set permissions: Permission denied (EACCES)")]
     assert stat.S_IMODE(os.stat(dst / "f").st_mode) == 0o644

@@ -3,13 +3,13 @@
 import os
 
 import sync
-from sync import DIR, FILE, LINK, SPECIAL, Entry, Options, Times, _Listing, _sort_out, _steps
+from sync import DIR, FILE, LINK, SPECIAL, Entry, Keep, Options, Times, _Listing, _sort_out, _steps
 
 T = 1_600_000_000_123_456_789  # an mtime with a sub-second part
 
 
-def st(size=1, mtime=T, mode=0o100644, uid=0, gid=0):
-    return os.stat_result((mode, 1, 1, 1, uid, gid, size, 0, 0, 0, 0, 0, 0, mtime, mtime, mtime))
+def st(size=1, mtime=T, mode=0o100644, uid=0, gid=0, nlink=1, ino=1):
+    return os.stat_result((mode, ino, 1, nlink, uid, gid, size, 0, 0, 0, 0, 0, 0, mtime, mtime, mtime))
 
 
 def f(size=1, mtime=T, mode=0o100644, **kw):
@@ -20,8 +20,8 @@ def d(mtime=T, mode=0o40755):
     return Entry(DIR, st(4096, mtime, mode))
 
 
-def link(target):
-    return Entry(LINK, None, target)
+def link(target, mtime=T, uid=0):
+    return Entry(LINK, st(len(target), mtime, 0o120777, uid=uid), target)
 
 
 def listing(src, dst, rel="", unreadable=(), dst_unreadable=()):
@@ -88,8 +88,8 @@ def test_steps_for_files():
               "setuid": f(mode=0o104755, uid=1000), "kept": f(9)}
     dst = {"bigger": f(), "newer": f(), "same": f(), "mode": f(), "setuid": f(mode=0o100755), "kept": f()}
     steps = _steps(wanted, dst, {"kept"}, False, 0, Times())
-    assert kinds(steps) == [("update", "bigger"), ("chmod", "mode"), ("copy", "new"), ("update", "newer")]
-    assert steps[1].mode == 0o600
+    assert kinds(steps) == [("update", "bigger"), ("attrs", "mode"), ("copy", "new"), ("update", "newer")]
+    assert steps[1].attrs.mode == 0o600 and steps[1].attrs.letters == "p"
     assert kinds(_steps(wanted, dst, set(), True, 0, Times())) == [
         ("update", "bigger"), ("update", "kept"), ("compare", "mode"), ("copy", "new"), ("update", "newer"),
         ("compare", "same"), ("compare", "setuid")]
@@ -110,3 +110,56 @@ def test_steps_for_links_and_folders():
     dst = {"l2": link("u"), "l3": link("old"), "d2": d(T + 5)}
     assert kinds(_steps(wanted, dst, set(), False, 0, Times())) == [
         ("mkdir", "d1"), ("enter", "d2"), ("link", "l1"), ("relink", "l3")]
+
+
+ROOT = Keep(owner=True, group=True, xattrs=True, every_namespace=True, acls=True, hard_links=True,
+            link_times=True, owner_asked=True, group_asked=True, uid=0, gid=0)
+USER = ROOT._replace(owner=False, groups=frozenset({100, 1000}), every_namespace=False, uid=1000, gid=1000)
+ACL = b"\x02\x00\x00\x00"  # what a posix_acl xattr starts with; the planner only compares bytes
+
+
+def test_metadata_changes_are_found_from_the_listings_with_rsyncs_letters():
+    wanted = {"own": f(uid=5, gid=6), "mode": f(mode=0o100600), "x": f(), "acl": f(), "both": f(uid=5),
+              "gone-x": f(), "same-x": f(), "dir": d(), "l": link("t", T + 1, uid=7)}
+    dst = {"own": f(), "mode": f(), "x": f(), "acl": f(), "both": f(mode=0o100600), "gone-x": f(),
+           "same-x": f(), "dir": d(), "l": link("t")}
+    src_x = {"x": {"user.a": b"1"}, "acl": {"system.posix_acl_access": ACL}, "both": {"user.a": b"1"},
+             "same-x": {"user.a": b"1"}}
+    dst_x = {"x": {"user.a": b"2"}, "gone-x": {"user.old": b"1"}, "same-x": {"user.a": b"1"}}
+    steps = {s.name: s for s in _steps(wanted, dst, set(), False, 0, Times(), ROOT, src_x, dst_x)}
+    letters = {name: step.attrs.letters for name, step in steps.items() if step.kind == "attrs"}
+    assert letters == {"own": "og", "mode": "p", "x": "x", "acl": "a", "both": "opx", "gone-x": "x", "l": "ot"}
+    assert steps["own"].attrs[1:4] == (5, 6, 0o644)
+    assert steps["gone-x"].attrs.xattrs == {} and steps["gone-x"].attrs.have_x == {"user.old": b"1"}
+    assert steps["dir"].kind == "enter"
+    # Turned off (or not stored): nothing to do, nothing counted.
+    off = Keep()
+    assert [s.kind for s in _steps(wanted, dst, set(), False, 0, Times(), off, src_x, dst_x)
+            if s.kind == "attrs"] == ["attrs", "attrs"]  # mode and both: permission bits only
+
+
+def test_without_root_owners_are_counted_as_missed_and_groups_kept_where_a_member():
+    wanted = {"theirs": f(uid=5, gid=1000), "group": f(uid=1000, gid=100), "alien": f(uid=1000, gid=7),
+              "new": f(uid=5, gid=7)}
+    dst = {"theirs": f(uid=1000, gid=1000), "group": f(uid=1000, gid=1000), "alien": f(uid=1000, gid=1000)}
+    steps = {s.name: s for s in _steps(wanted, dst, set(), False, 0, Times(), USER)}
+    assert {n: (s.attrs.letters, s.attrs.missed) for n, s in steps.items()} == {
+        "theirs": ("", "o"), "group": ("g", ""), "alien": ("", "g"), "new": ("", "og")}
+    assert steps["group"].attrs[1:3] == (-1, 100)
+
+
+def test_setuid_stays_only_where_the_owner_is_kept():
+    wanted = {"suid": f(mode=0o104755, uid=5)}
+    dst = {"suid": f(mode=0o100755)}
+    (step,) = _steps(wanted, dst, set(), False, 0, Times(), ROOT)
+    assert step.attrs.letters == "op" and step.attrs.mode == 0o4755
+    (step,) = _steps(wanted, dst, set(), False, 0, Times(), USER)
+    assert step.attrs.letters == "" and step.attrs.missed == "o" and step.attrs.mode == 0o755
+
+
+def test_files_with_other_names_are_left_to_the_hard_link_phase():
+    wanted = {"a": f(nlink=2), "b": f(nlink=2), "c": f()}
+    assert kinds(_steps(wanted, {}, set(), False, 0, Times(), ROOT)) == [
+        ("hardlinked", "a"), ("hardlinked", "b"), ("copy", "c")]
+    no_links = ROOT._replace(hard_links=False)
+    assert kinds(_steps(wanted, {}, set(), False, 0, Times(), no_links)) == [("copy", "a"), ("copy", "b"), ("copy", "c")]

@@ -40,14 +40,14 @@ def test_setuid_and_setgid_are_dropped_where_the_owner_differs(src, dst, root):
     give(src / "user-sgid", 0, 1000, 0o2755)  # root's, but set-group of another group
     give(src / "root-suid", 0, 0, 0o4755)  # root's own: the copy has the same owner
     give(src / "shared", 0, 1000, 0o2775)  # a group folder
-    result, events = sync_once(src, dst)
+    result, events = sync_once(src, dst, owner=False, group=False)
     assert result.exact
     assert mode(dst / "user-suid") == 0o755, "a user's setuid program became root's"
     assert mode(dst / "user-sgid") == 0o755
     assert mode(dst / "root-suid") == 0o4755
     assert mode(dst / "shared") == 0o775
     assert [os.lstat(dst / n).st_uid for n in ("user-suid", "root-suid")] == [0, 0]
-    result, events = sync_once(src, dst)
+    result, events = sync_once(src, dst, owner=False, group=False)
     assert result.exact and events == [], "the dropped bits are not set again and again"
 
 
@@ -55,9 +55,25 @@ def test_setuid_dropped_on_a_file_that_was_current_already(src, dst, root):
     make_tree(src, {"prog": File("#!/bin/sh\n", mode=0o755)})
     assert sync_once(src, dst)[0].exact
     give(src / "prog", 1000, 1000, 0o4755)
-    result, events = sync_once(src, dst)
+    result, events = sync_once(src, dst, owner=False, group=False)
     assert result.exact and mode(dst / "prog") == 0o755
     assert [e.action for e in events] == []
+
+
+def test_setuid_and_setgid_stay_where_owner_and_group_are_kept(src, dst, root):
+    make_tree(src, {"user-suid": File("#!/bin/sh\n"), "prog": File("#!/bin/sh\n", mode=0o755),
+                    "shared": Dir({"f": "x"})})
+    give(src / "user-suid", 1000, 1000, 0o4755)
+    give(src / "shared", 0, 1000, 0o2775)
+    assert sync_once(src, dst)[0].exact
+    give(src / "prog", 1000, 1000, 0o6755)  # made a user's set-id program after it was mirrored
+    result, events = sync_once(src, dst)
+    assert result.exact and [(e.action, e.path, e.detail) for e in events] == [
+        ("attrs", "prog", "owner 1000, group 1000 and permissions 0o6755")]
+    for name, bits in [("user-suid", 0o4755), ("prog", 0o6755), ("shared", 0o2775)]:
+        assert mode(dst / name) == bits, name
+        assert os.lstat(dst / name)[4:6] == os.lstat(src / name)[4:6]
+    assert sync_once(src, dst)[1] == []
 
 
 # --- 6. a folder made private -----------------------------------------------------------

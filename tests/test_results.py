@@ -36,10 +36,10 @@ def test_once_exits_1_when_a_file_vanished_before_it_was_copied(src, dst, log, m
     make_tree(src, {"gone.tmp": "short-lived", "kept.txt": "k"})
     real_copy = sync._copy_file
 
-    def vanish_first(sd, dd, name, abort=None):
+    def vanish_first(sd, dd, name, *args):
         if name == "gone.tmp":
             os.unlink(src / name)
-        return real_copy(sd, dd, name, abort)
+        return real_copy(sd, dd, name, *args)
 
     monkeypatch.setattr(sync, "_copy_file", vanish_first)
     assert sync.main([str(src), str(dst), "1", str(log), "--once", "--workers", "1", "-q"]) == 1
@@ -147,7 +147,7 @@ def test_a_file_left_for_a_space_retry_that_vanishes_or_fails_is_reported_as_suc
         return real_copy_bytes(fin, fout, size_hint, abort)
 
     def stat_denied(path, *args, **kwargs):
-        if os.path.basename(os.fsdecode(path)) == "a-big.bin":  # by name, or by path (no dir_fd)
+        if not isinstance(path, int) and os.path.basename(os.fsdecode(path)) == "a-big.bin":  # by name or path
             raise PermissionError(errno.EACCES, "Permission denied")
         return real_stat(path, *args, **kwargs)
 
