@@ -83,6 +83,7 @@ import re
 import select
 import signal
 import stat
+import struct
 import sys
 import threading
 import time
@@ -927,8 +928,9 @@ def _probe_replica(dd) -> Stores:
         found["owners"] = _stores_owners(target)
         if _XATTRS:
             found["xattrs"] = _stores(lambda: os.setxattr(target, "user.syncpy-probe", b"1"))
-            # An ACL-less file answers ENODATA where ACLs are stored.
-            found["acls"] = _stores(lambda: os.getxattr(target, _ACL_KEYS[0]), errno.ENODATA)
+            # Setting the ACL that only restates the mode (owner rw, no one
+            # else: the probe file's 0600) changes nothing where ACLs are kept.
+            found["acls"] = _stores(lambda: os.setxattr(target, _ACL_KEYS[0], _MODE_ONLY_ACL))
         if _HARD_LINKS:
             def link(new, dir_fd):
                 os.link(path, new, src_dir_fd=fd, dst_dir_fd=dir_fd, follow_symlinks=False)
@@ -948,12 +950,17 @@ def _probe_replica(dd) -> Stores:
     return Stores(times, **found)
 
 
-def _stores(attempt, also_fine: int = 0) -> bool:
+# A POSIX ACL as Linux stores it: version 2, then (tag, permissions, id)
+# for the owner (rw), the group (none) and others (none).
+_MODE_ONLY_ACL = struct.pack("<I" + "HHI" * 3, 2, 0x01, 6, 0xFFFFFFFF, 0x04, 0, 0xFFFFFFFF, 0x20, 0, 0xFFFFFFFF)
+
+
+def _stores(attempt) -> bool:
     """Whether attempt() shows a feature is there (not refused as unsupported)."""
     try:
         attempt()
     except OSError as err:
-        return err.errno == also_fine or err.errno not in (*_UNSUPPORTED, errno.EPERM)
+        return err.errno not in (*_UNSUPPORTED, errno.EPERM)
     return True
 
 
@@ -3577,7 +3584,7 @@ class _Roots:
         self.source = trees["SOURCE"].handle
         self.replica = have["REPLICA"].handle if "REPLICA" in have else None
         self.trash = have["TRASH"].handle if "TRASH" in have else None
-        self.replica_created = trees["REPLICA"].created
+        self.replica_created = trees["REPLICA"].created  # by this pass (Mirror: or by this run)
         self.protected = frozenset(itertools.chain.from_iterable(
             trees[what].chain for what in ("SOURCE", "REPLICA", "TRASH") if what in have))
 
@@ -3640,6 +3647,7 @@ class Mirror:
         self.replica_fs = None  # (device, file system id) of REPLICA, once a pass has seen it
         self.stores = None  # what REPLICA's file system stores (times, owners, ...), once probed
         self.lock = None  # descriptor holding the lock on REPLICA, once check(lock=True) took it
+        self.created = False  # REPLICA was made by this run and no pass has run in it yet
 
     def check(self, create: bool = False, lock: bool = False) -> Optional[OSError]:
         """Run every check a pass starts with; raises Refused with the reason
@@ -3679,6 +3687,7 @@ class Mirror:
             if missing:
                 _separate(trees, self.options)  # what was made just now, on its real device
                 fs = _file_system(replica.handle)
+                self.created |= replica.created
             roots = _Roots(trees)
         except BaseException:
             for tree in trees.values():
@@ -3728,6 +3737,8 @@ class Mirror:
         except Refused as err:
             work.refuse("", str(err))
         else:
+            roots.replica_created |= self.created and not options.dry_run
+            self.created = False
             try:
                 probed = self.stores is None and roots.replica is not None and not options.dry_run
                 if probed:
@@ -4153,6 +4164,18 @@ def _build_parser() -> argparse.ArgumentParser:
                         help="with --trash, remove trash folders of passes older than DAYS")
     parser.add_argument("--modify-window", type=parse_window, metavar="SECONDS", default=0.0,
                         help="count mtimes this close as equal (2 for FAT/exFAT, 1 for some SMB shares)")
+    parser.add_argument("--no-owner", dest="owner", action="store_false",
+                        help="do not give replica entries the source's owner (kept by default when "
+                             "run as root)")
+    parser.add_argument("--no-group", dest="group", action="store_false",
+                        help="do not give replica entries the source's group (kept by default where "
+                             "allowed: any as root, a user's own groups otherwise)")
+    parser.add_argument("--no-xattrs", dest="xattrs", action="store_false",
+                        help="do not mirror extended attributes (user.* by default; all as root)")
+    parser.add_argument("--no-acls", dest="acls", action="store_false",
+                        help="do not mirror POSIX ACLs")
+    parser.add_argument("--no-hard-links", dest="hard_links", action="store_false",
+                        help="copy each name of a file with several names as a file of its own")
     parser.add_argument("-i", "--itemize", action="store_true",
                         help="print a change code and path per change on stdout, for scripts")
     parser.add_argument("--allow-empty-source", action="store_true",
@@ -4278,7 +4301,9 @@ class _Settings:
             excludes=Excludes(patterns) or None, delete_excluded=args.delete_excluded,
             trash=args.trash, trash_keep_days=args.trash_keep,
             modify_window_ns=int(args.modify_window * 1_000_000_000),
-            allow_mass_delete=args.allow_mass_delete, protect={"LOG_FILE": args.log_file})
+            allow_mass_delete=args.allow_mass_delete, protect={"LOG_FILE": args.log_file},
+            owner=args.owner, group=args.group, xattrs=args.xattrs, acls=args.acls,
+            hard_links=args.hard_links)
 
 
 # What the CLI adds to a refusal: the flag that lets the user proceed (by
@@ -4328,8 +4353,10 @@ class _Reporter:
         if event.advice:
             text += " " + _ADVICE[event.advice]
         self.log(_LEVELS[ACTIONS[event.action].severity], text)
-        if self.args.itemize and ACTIONS[event.action].itemize:
-            print(event.itemized(), flush=True)
+        if self.args.itemize:
+            line = event.itemized()
+            if line:
+                print(line, flush=True)
         if self.progress:
             self.progress.event(event)
 

@@ -221,7 +221,8 @@ def test_help_and_version_return_from_main(capsys):
 
 HELP = """
 usage: sync.py [-h] [--once] [-n] [-c] [--exclude PATTERN] [--exclude-from FILE] [--delete-excluded]
-[--trash DIR] [--trash-keep DAYS] [--modify-window SECONDS] [-i] [--allow-empty-source] [--max-delete N]
+[--trash DIR] [--trash-keep DAYS] [--modify-window SECONDS] [--no-owner] [--no-group] [--no-xattrs]
+[--no-acls] [--no-hard-links] [-i] [--allow-empty-source] [--max-delete N]
 [--allow-mass-delete] [--workers N] [-q] [-v] [--version] SOURCE REPLICA INTERVAL LOG_FILE
 Keep REPLICA an exact one-way mirror of SOURCE, re-syncing every INTERVAL seconds and logging every
 action to the console and LOG_FILE.
@@ -243,6 +244,12 @@ options:
 (DIR on REPLICA's file system)
 --trash-keep DAYS with --trash, remove trash folders of passes older than DAYS
 --modify-window SECONDS count mtimes this close as equal (2 for FAT/exFAT, 1 for some SMB shares)
+--no-owner do not give replica entries the source's owner (kept by default when run as root)
+--no-group do not give replica entries the source's group (kept by default where allowed: any as
+root, a user's own groups otherwise)
+--no-xattrs do not mirror extended attributes (user.* by default; all as root)
+--no-acls do not mirror POSIX ACLs
+--no-hard-links copy each name of a file with several names as a file of its own
 -i, --itemize print a change code and path per change on stdout, for scripts
 --allow-empty-source let an empty SOURCE empty a non-empty REPLICA (refused by default: an unmounted
 drive looks empty)
