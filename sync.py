@@ -8,17 +8,27 @@ After a pass that reports no errors, REPLICA holds exactly the relative paths
 of SOURCE, and each path is the same kind of entry (regular file, directory,
 symbolic link):
 
-* files have the same bytes, permission bits and modification time
-  (nanoseconds where the file system keeps them; times are compared as
-  REPLICA's file system stores them, probed once per run); setuid and setgid
-  only where the replica entry has the source's owner and group;
+* files have the same bytes (holes of sparse files stay holes), permission
+  bits and modification time (nanoseconds where the file system keeps them;
+  times are compared as REPLICA's file system stores them, probed once per
+  run); setuid and setgid only where the replica entry has the source's
+  owner and group;
 * directories have the same permission bits (read-only ones included, applied
   after their contents are written) and modification time; empty directories
   are mirrored;
-* symbolic links are recreated with the same target text and are never
-  followed, on either side;
+* symbolic links are recreated with the same target text and time and are
+  never followed, on either side;
+* files, folders and links have the source's owner (when run as root) and
+  group (where the process may give it), extended attributes (user.* unless
+  root) and POSIX ACLs, unless Options turns them off (see Keep); names that
+  share one file in SOURCE share one in REPLICA (Options.hard_links);
+  metadata alone is changed in place;
 * everything else under REPLICA is removed, except paths left out with
   ``excludes`` (unless ``delete_excluded``).
+
+What REPLICA's file system does not store (owners, xattrs, ACLs, hard links,
+probed once per run) is reported once and named in the summary, as are the
+owners a process without root could not give (PassResult.left_out).
 
 SOURCE is only ever read.  A pass that saw a file change or vanish while
 copying it is not exact either (PassResult.exact).  A replica file is current when its size and mtime
@@ -169,6 +179,8 @@ _DIR_FD = (
 # directory descriptor, through /proc/self/fd.
 _XATTRS = hasattr(os, "listxattr") and (not _DIR_FD or os.path.isdir("/proc/self/fd"))
 _ACL_KEYS = ("system.posix_acl_access", "system.posix_acl_default")
+# The namespaces mirrored besides ACLs (others, such as system.nfs4_acl, are not).
+_ALL_NAMESPACES = frozenset({"user", "trusted", "security"})
 _OWNERS = hasattr(os, "chown")
 _HARD_LINKS = hasattr(os, "link")
 _LINK_TIMES = os.utime in os.supports_follow_symlinks
@@ -507,7 +519,8 @@ class Stores(NamedTuple):
 
     times: Times = Times()
     owners: bool = True
-    xattrs: bool = True
+    xattrs: bool = True  # user.* attributes
+    namespaces: frozenset = frozenset({"user", "trusted", "security"})  # those it stores
     acls: bool = True
     hard_links: bool = True
 
@@ -527,7 +540,9 @@ class Keep(NamedTuple):
     uid: int = -1  # the owner and group a file this process creates gets
     gid: int = -1
     xattrs: bool = False
-    every_namespace: bool = False  # root: trusted.* and security.* besides user.*
+    # The namespaces of extended attributes mirrored: "user", and as root
+    # "trusted" and "security", as far as REPLICA's file system stores them.
+    namespaces: frozenset = frozenset()
     acls: bool = False
     hard_links: bool = False
     link_times: bool = False  # times of symbolic links (set without following them)
@@ -550,7 +565,8 @@ class Keep(NamedTuple):
                    owner_asked=options.owner and stores.owners and _OWNERS,
                    group_asked=options.group and stores.owners and _OWNERS,
                    uid=os.geteuid() if _OWNERS else -1, gid=os.getegid() if _OWNERS else -1,
-                   xattrs=options.xattrs and _XATTRS and stores.xattrs, every_namespace=_is_root(_CAP_SYS_ADMIN),
+                   xattrs=options.xattrs and _XATTRS and stores.xattrs,
+                   namespaces=stores.namespaces & (_ALL_NAMESPACES if _is_root(_CAP_SYS_ADMIN) else {"user"}),
                    acls=options.acls and _XATTRS and stores.acls,
                    hard_links=options.hard_links and _HARD_LINKS and stores.hard_links,
                    link_times=_LINK_TIMES)
@@ -564,7 +580,7 @@ class Keep(NamedTuple):
         """Whether the extended attribute key is mirrored (ACLs are stored as system.posix_acl_*)."""
         if key.startswith("system.posix_acl_"):
             return self.acls
-        return self.xattrs and (self.every_namespace or key.startswith("user."))
+        return self.xattrs and key.partition(".")[0] in self.namespaces
 
 
 class UsageError(Exception):
@@ -783,8 +799,10 @@ def _read_xattrs(target, keep: "Keep", follow: bool = False) -> dict:
         if err.errno in _UNSUPPORTED:
             return _NO_XATTRS
         raise
-    if not keys:
-        return _NO_XATTRS
+    return _get_xattrs(target, keys, keep, follow) if keys else _NO_XATTRS
+
+
+def _get_xattrs(target, keys: list, keep: "Keep", follow: bool = False) -> dict:
     found = {}
     for key in keys:
         if keep.wants(key):
@@ -796,23 +814,57 @@ def _read_xattrs(target, keep: "Keep", follow: bool = False) -> dict:
     return found
 
 
-def _list_xattrs(d, entries: dict, names, keep: "Keep", failed: list) -> dict:
-    """{name: xattrs} for those of NAMES in entries (files and folders) that
-    have any; an entry whose attributes cannot be read goes to failed."""
-    found = {}
-    for name in names:
-        entry = entries.get(name)
-        if entry is None or entry.kind not in (FILE, DIR):
-            continue
-        try:
-            xattrs = _read_xattrs(_xattr_path(d, name), keep)
-        except FileNotFoundError:
-            continue
-        except OSError as err:
-            failed.append((name, err))
-            continue
-        if xattrs:
-            found[name] = xattrs
+def _cwd_is_ours() -> bool:
+    """Whether the working directory may be changed for a moment: no thread
+    runs but this one and the copy threads (which use descriptors only)."""
+    return threading.active_count() == 1 or all(
+        t is threading.main_thread() or t.name.startswith("sync_") for t in threading.enumerate())
+
+
+def _list_xattrs(d, entries, keep: "Keep", failed: list) -> dict:
+    """{name: xattrs} for the files and folders among entries ((name,
+    Entry) pairs in folder d) that have any; an entry whose attributes
+    cannot be read goes to failed.
+
+    This runs for every entry on both sides, and the *xattr calls take no
+    dir_fd: by name from inside the folder (fchdir there and back) they
+    cost less than half of a path through /proc/self/fd, so that is how,
+    where no other thread could be using the working directory."""
+    found, home, prefix = {}, None, ""
+    if _DIR_FD:
+        if _cwd_is_ours():
+            try:
+                home = os.open(".", _O_PATH or os.O_RDONLY | _O_DIRECTORY | _O_CLOEXEC)
+                os.fchdir(d)
+            except OSError:
+                if home is not None:
+                    os.close(home)
+                home = None
+        if home is None:
+            prefix = f"/proc/self/fd/{d}/"
+    else:
+        prefix = os.path.join(d, "")
+    try:
+        listxattr, file, folder = os.listxattr, FILE, DIR
+        for name, entry in entries:
+            if entry.kind is not file and entry.kind is not folder:
+                continue
+            path = prefix + name
+            try:
+                keys = listxattr(path, follow_symlinks=False)
+                if keys:
+                    xattrs = _get_xattrs(path, keys, keep)
+                    if xattrs:
+                        found[name] = xattrs
+            except FileNotFoundError:
+                continue
+            except OSError as err:
+                if err.errno not in _UNSUPPORTED:  # a file system without them: none
+                    failed.append((name, err))
+    finally:
+        if home is not None:
+            os.fchdir(home)
+            os.close(home)
     return found
 
 
@@ -927,7 +979,10 @@ def _probe_replica(dd) -> Stores:
         target = out if _DIR_FD else path
         found["owners"] = _stores_owners(target)
         if _XATTRS:
-            found["xattrs"] = _stores(lambda: os.setxattr(target, "user.syncpy-probe", b"1"))
+            found["namespaces"] = frozenset(
+                space for space in _ALL_NAMESPACES if (space == "user" or _is_root(_CAP_SYS_ADMIN))
+                and _stores(lambda: os.setxattr(target, f"{space}.syncpy-probe", b"1")))
+            found["xattrs"] = "user" in found["namespaces"]
             # Setting the ACL that only restates the mode (owner rw, no one
             # else: the probe file's 0600) changes nothing where ACLs are kept.
             found["acls"] = _stores(lambda: os.setxattr(target, _ACL_KEYS[0], _MODE_ONLY_ACL))
@@ -1616,10 +1671,10 @@ def _attrs(want: Entry, have: Optional[os.stat_result], keep: Keep, wx: dict = _
             letters, new_gid, gid = letters + "g", ws.st_gid, ws.st_gid
         else:
             missed += "g"
-    mode = None
-    if want.kind != LINK:
+    mode = None  # a new file gets its mode from _set_file_stat, once its owner is set
+    if want.kind != LINK and have is not None:
         mode = _mirrored_mode(ws, uid, gid)
-        if have is not None and mode != stat.S_IMODE(have.st_mode):
+        if mode != stat.S_IMODE(have.st_mode):
             letters += "p"
     elif have is not None and keep.link_times:
         if (fit(ws.st_mtime_ns) if fit else ws.st_mtime_ns) != have.st_mtime_ns:
@@ -1783,7 +1838,7 @@ class _Changes:
         """Give a replica folder the source folder's owner and extended
         attributes (attrs), its mode and, set_times, its times."""
         if attrs.letters:
-            _give_attrs(dd if _DIR_FD else dd, attrs._replace(mode=None), self.keep)
+            _give_attrs(dd, attrs._replace(mode=None), self.keep)
         if attrs.mode is not None and (mode_now != attrs.mode or attrs.letters and attrs.mode & _SET_ID):
             os.chmod(dd, attrs.mode)
         if set_times:
@@ -2103,14 +2158,15 @@ def _list_pair(frame, keep: Keep) -> _Listing:
         src, unreadable = _scan(frame.sd)
     except OSError as err:
         return _Listing(frame.rel, failure=("list directory", err))
-    src_x = _list_xattrs(frame.sd, src, list(src), keep, unreadable) if keep.any_xattrs else _NO_XATTRS
+    src_x = _list_xattrs(frame.sd, src.items(), keep, unreadable) if keep.any_xattrs else _NO_XATTRS
     if frame.dd is None:
         return _Listing(frame.rel, src, unreadable, {}, [], src_x=src_x)
     try:
         dst, dst_unreadable = _scan(frame.dd)
     except OSError as err:
         return _Listing(frame.rel, failure=("list replica directory", err))
-    dst_x = _list_xattrs(frame.dd, dst, src, keep, dst_unreadable) if keep.any_xattrs else _NO_XATTRS
+    dst_x = (_list_xattrs(frame.dd, [(n, e) for n, e in dst.items() if n in src], keep, dst_unreadable)
+             if keep.any_xattrs else _NO_XATTRS)
     return _Listing(frame.rel, src, unreadable, dst, dst_unreadable, src_x=src_x, dst_x=dst_x)
 
 

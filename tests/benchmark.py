@@ -7,13 +7,14 @@ system temp folder; the output says which), so the tools are measured and not
 the disk.  The 1,000,000-file case needs about 3 million inodes; where
 /dev/shm has fewer, give --root a tmpfs mounted with more, for example
     mount -t tmpfs -o size=16g,nr_inodes=8m tmpfs /mnt/bench
-For each case the two commands run alternately, REPEAT times each:
+For each case the commands run alternately, REPEAT times each:
 
     python sync.py SRC DST 1 LOG --once -q
     rsync -a --delete SRC/ DST/
+    rsync -aHAXS --delete SRC/ DST/      (the cases marked so: what sync.py keeps by default)
 
-and the table gives each one's median wall time, the ratio sync.py / rsync and
-each one's peak RSS.  Wall time is taken around each run; peak RSS comes from
+and the table gives, per reference, each one's median wall time, the ratio
+sync.py / reference and each one's peak RSS.  Wall time is taken around each run; peak RSS comes from
 GNU time's %M where it is installed, else from wait4() of a child started by
 this small process (never from a fork of a large one).  This
 file is not collected by pytest: speed is a goal, never a test assertion.
@@ -79,6 +80,15 @@ def change_one_percent_each(root: Path) -> None:
         path.with_name("added-" + path.name).write_bytes(b"added")
 
 
+def build_sparse(root: Path) -> None:
+    """A 1 GiB sparse file (a VM image) holding 8 KiB of data."""
+    with open(root / "vm.img", "wb") as f:
+        f.truncate(1 << 30)
+        f.seek(300 << 20)
+        f.write(hashlib.sha256(b"data").digest() * 256)
+    os.utime(root / "vm.img", (MTIME, MTIME))
+
+
 def rename_top_folder(root: Path) -> None:
     (root / "data").rename(root / "data-renamed")
 
@@ -90,10 +100,14 @@ class Case:
     starts again from a pristine copy."""
 
     def __init__(self, name, build, mutate=None, replica_from_source=True, restore=True,
-                 sync_args=(), rsync_args=(), repeat=None):
+                 sync_args=(), rsync_args=(), repeat=None, references=("-a",)):
         self.name, self.build, self.mutate = name, build, mutate
         self.replica_from_source, self.restore = replica_from_source, restore
         self.sync_args, self.rsync_args, self.repeat = sync_args, rsync_args, repeat
+        self.references = references  # rsync's flags, one reference command each
+
+
+FIDELITY = ("-a", "-aHAXS")  # sync.py keeps owners, ACLs, xattrs, hard links and holes by default
 
 
 GIB_FILES = 8, 128 * 1024 * 1024  # 1 GiB as 8 files of 128 MiB
@@ -106,10 +120,13 @@ CASES = {
                           lambda s: build_large_files(s, 4, 128 * 1024 * 1024),
                           replica_from_source=False),
     "no-change-100k": Case("no-change pass, 100,000 empty files in 2,000 directories",
-                           lambda s: build_small_files(s, 100_000, 2_000), restore=False),
+                           lambda s: build_small_files(s, 100_000, 2_000), restore=False,
+                           references=FIDELITY),
     "incremental-100k": Case("100,000 files, 1% modified, 1% deleted, 1% added",
                              lambda s: build_small_files(s, 100_000, 2_000, 1024),
-                             mutate=change_one_percent_each),
+                             mutate=change_one_percent_each, references=FIDELITY),
+    "sparse-1g": Case("initial copy of a 1 GiB sparse file holding 8 KiB",
+                      build_sparse, replica_from_source=False, references=("-aS", "-a")),
     "rename-1g": Case("pass after renaming a directory holding 1 GiB",
                       lambda s: build_large_files(s, *GIB_FILES, folder="data"),
                       mutate=rename_top_folder),
@@ -158,10 +175,11 @@ def run_case(key: str, case: Case, base: Path, repeat: int, extra_args=()) -> di
     commands = {
         "sync.py": lambda dst: [sys.executable, SYNC_PY, str(src), str(dst), "1", str(log), "--once", "-q",
                                 *case.sync_args, *extra_args],
-        "rsync": lambda dst: ["rsync", "-a", "--delete", *case.rsync_args, f"{src}/", f"{dst}/"],
     }
-    if not shutil.which("rsync"):
-        del commands["rsync"]
+    if shutil.which("rsync"):
+        for flags in case.references:
+            commands[f"rsync {flags}"] = lambda dst, flags=flags: [
+                "rsync", flags, "--delete", *case.rsync_args, f"{src}/", f"{dst}/"]
     samples = {tool: [] for tool in commands}
     replicas = {tool: work / f"dst-{tool}" for tool in commands}
     for dst in replicas.values():
@@ -195,16 +213,18 @@ def main() -> None:
     where = fs_type or "unknown file system"
     print(f"trees under {base} ({where}); {args.repeat} runs each; Python {sys.version.split()[0]}; {rsync}; "
           f"{os.cpu_count()} CPUs; sync.py options: {args.sync_args or '(defaults)'}")
-    print("| case | sync.py median s | rsync median s | ratio | sync.py peak RSS MiB | rsync peak RSS MiB |")
-    print("|---|---:|---:|---:|---:|---:|")
+    print("| case | reference | sync.py median s | reference median s | ratio | sync.py peak RSS MiB "
+          "| reference peak RSS MiB |")
+    print("|---|---|---:|---:|---:|---:|---:|")
     try:
         for key in args.cases or CASES:
             result = run_case(key, CASES[key], base, args.repeat, args.sync_args.split())
-            ours, theirs = result["sync.py"], result.get("rsync")
-            ratio = f"{ours[0] / theirs[0]:.2f}" if theirs else "-"
-            print(f"| {key}: {CASES[key].name} | {ours[0]:.3f} | {theirs[0]:.3f} | {ratio} | "
-                  f"{ours[1] / 1024:.1f} | {theirs[1] / 1024:.1f} |" if theirs else
-                  f"| {key} | {ours[0]:.3f} | - | - | {ours[1] / 1024:.1f} | - |", flush=True)
+            ours = result.pop("sync.py")
+            if not result:
+                print(f"| {key} | - | {ours[0]:.3f} | - | - | {ours[1] / 1024:.1f} | - |", flush=True)
+            for reference, theirs in result.items():
+                print(f"| {key}: {CASES[key].name} | {reference} --delete | {ours[0]:.3f} | {theirs[0]:.3f} | "
+                      f"{ours[0] / theirs[0]:.2f} | {ours[1] / 1024:.1f} | {theirs[1] / 1024:.1f} |", flush=True)
     finally:
         shutil.rmtree(base, ignore_errors=True)
 

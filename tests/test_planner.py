@@ -112,9 +112,9 @@ def test_steps_for_links_and_folders():
         ("mkdir", "d1"), ("enter", "d2"), ("link", "l1"), ("relink", "l3")]
 
 
-ROOT = Keep(owner=True, group=True, xattrs=True, every_namespace=True, acls=True, hard_links=True,
+ROOT = Keep(owner=True, group=True, xattrs=True, namespaces=sync._ALL_NAMESPACES, acls=True, hard_links=True,
             link_times=True, owner_asked=True, group_asked=True, uid=0, gid=0)
-USER = ROOT._replace(owner=False, groups=frozenset({100, 1000}), every_namespace=False, uid=1000, gid=1000)
+USER = ROOT._replace(owner=False, groups=frozenset({100, 1000}), namespaces=frozenset({"user"}), uid=1000, gid=1000)
 ACL = b"\x02\x00\x00\x00"  # what a posix_acl xattr starts with; the planner only compares bytes
 
 

@@ -13,7 +13,7 @@ from conftest import ROOT
 def test_core_suites_pass_without_directory_descriptors():
     suites = ["tests/test_mirror.py", "tests/test_property.py", "tests/test_cli.py",
               "tests/test_workers.py", "tests/test_loop.py", "tests/test_operator.py",
-              "tests/test_separation.py", "tests/test_results.py"]
+              "tests/test_separation.py", "tests/test_results.py", "tests/test_metadata.py"]
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *suites],
                           cwd=ROOT, env={**os.environ, "SYNCPY_NO_DIR_FD": "1"},
                           capture_output=True, text=True, timeout=600)
