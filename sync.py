@@ -821,10 +821,10 @@ def _cwd_is_ours() -> bool:
         t is threading.main_thread() or t.name.startswith("sync_") for t in threading.enumerate())
 
 
-def _list_xattrs(d, entries, keep: "Keep", failed: list) -> dict:
-    """{name: xattrs} for the files and folders among entries ((name,
-    Entry) pairs in folder d) that have any; an entry whose attributes
-    cannot be read goes to failed.
+def _list_xattrs(d, entries: dict, keep: "Keep", failed: list, only=None) -> dict:
+    """{name: xattrs} for the files and folders among entries (of folder d;
+    only: those whose names are in it) that have any; an entry whose
+    attributes cannot be read goes to failed.
 
     This runs for every entry on both sides, and the *xattr calls take no
     dir_fd: by name from inside the folder (fchdir there and back) they
@@ -846,8 +846,8 @@ def _list_xattrs(d, entries, keep: "Keep", failed: list) -> dict:
         prefix = os.path.join(d, "")
     try:
         listxattr, file, folder = os.listxattr, FILE, DIR
-        for name, entry in entries:
-            if entry.kind is not file and entry.kind is not folder:
+        for name, entry in entries.items():
+            if entry.kind is not file and entry.kind is not folder or only is not None and name not in only:
                 continue
             path = prefix + name
             try:
@@ -1726,6 +1726,7 @@ def _steps(wanted: dict, dst: dict, keep: set, checksum: bool, window: int, time
     steps = []
     fit = None if times.exact else times.fit
     none = _NO_XATTRS
+    any_x = bool(src_x or dst_x)
     for name in sorted(wanted):
         want, have = wanted[name], dst.get(name)
         if name in keep:
@@ -1747,7 +1748,7 @@ def _steps(wanted: dict, dst: dict, keep: set, checksum: bool, window: int, time
                 continue
             attrs = _NO_ATTRS
             if (ws.st_mode != hs.st_mode or ws.st_uid != hs.st_uid or ws.st_gid != hs.st_gid
-                    or name in src_x or name in dst_x):
+                    or any_x and (name in src_x or name in dst_x)):
                 attrs = _attrs(want, hs, meta, src_x.get(name, none), dst_x.get(name, none))
             if checksum:
                 steps.append(_Step("compare", name, want, have, attrs))
@@ -2158,15 +2159,14 @@ def _list_pair(frame, keep: Keep) -> _Listing:
         src, unreadable = _scan(frame.sd)
     except OSError as err:
         return _Listing(frame.rel, failure=("list directory", err))
-    src_x = _list_xattrs(frame.sd, src.items(), keep, unreadable) if keep.any_xattrs else _NO_XATTRS
+    src_x = _list_xattrs(frame.sd, src, keep, unreadable) if keep.any_xattrs else _NO_XATTRS
     if frame.dd is None:
         return _Listing(frame.rel, src, unreadable, {}, [], src_x=src_x)
     try:
         dst, dst_unreadable = _scan(frame.dd)
     except OSError as err:
         return _Listing(frame.rel, failure=("list replica directory", err))
-    dst_x = (_list_xattrs(frame.dd, [(n, e) for n, e in dst.items() if n in src], keep, dst_unreadable)
-             if keep.any_xattrs else _NO_XATTRS)
+    dst_x = _list_xattrs(frame.dd, dst, keep, dst_unreadable, src) if keep.any_xattrs else _NO_XATTRS
     return _Listing(frame.rel, src, unreadable, dst, dst_unreadable, src_x=src_x, dst_x=dst_x)
 
 
@@ -2699,7 +2699,7 @@ class _Walk:
             members.sort()
             folder, name = members[0]
             try:
-                sd, dd = self.open_pair(folder)
+                sd, dd = self.open_pair(folder, self.options.dry_run)
             except OSError as err:
                 self.fail(_join(folder, name), "open its folder", err)
                 continue
@@ -2712,7 +2712,8 @@ class _Walk:
                         self.link_member(dd, name, _join(folder, name), leader, key, *member)
             finally:
                 _close_dir(sd)
-                _close_dir(dd)
+                if dd is not None:
+                    _close_dir(dd)
 
     def settle_leader(self, sd, dd, folder, name, key, size):
         """Bring a group's first name up to date in the replica, as the
@@ -2732,13 +2733,14 @@ class _Walk:
         want = Entry(FILE, st)
         wx = _read_xattrs(_xattr_path(sd, name), keep) if keep.any_xattrs else _NO_XATTRS
         have = hx = None
-        path, fd = _at(dd, name)
-        try:
-            have_st = os.stat(path, dir_fd=fd, follow_symlinks=False)
-            have = Entry(_KINDS.get(stat.S_IFMT(have_st.st_mode), SPECIAL), have_st)
-            hx = _read_xattrs(_xattr_path(dd, name), keep) if keep.any_xattrs and have.kind == FILE else None
-        except FileNotFoundError:
-            pass
+        if dd is not None:  # (None: a folder a dry run would make)
+            replica_path, replica_fd = _at(dd, name)
+            try:
+                have_st = os.stat(replica_path, dir_fd=replica_fd, follow_symlinks=False)
+                have = Entry(_KINDS.get(stat.S_IFMT(have_st.st_mode), SPECIAL), have_st)
+                hx = _read_xattrs(_xattr_path(dd, name), keep) if keep.any_xattrs and have.kind == FILE else None
+            except FileNotFoundError:
+                pass
         before = (have.st.st_dev, have.st.st_ino) if have is not None else None
         steps = _steps({name: want}, {name: have} if have is not None else {}, set(),
                        self.options.checksum, self.options.modify_window_ns, self.times,
@@ -2771,7 +2773,7 @@ class _Walk:
             if outcome.result not in ("same", "copied"):
                 return None
         try:
-            now = os.stat(path, dir_fd=fd, follow_symlinks=False)
+            now = os.stat(replica_path, dir_fd=replica_fd, follow_symlinks=False)
         except FileNotFoundError:
             self.error(rel, "the replica file vanished before its other names could be linked to it")
             return None
@@ -2782,7 +2784,7 @@ class _Walk:
         rel = _join(folder, name)
         before, after = leader
         try:
-            sd, dd = self.open_pair(folder)
+            sd, dd = self.open_pair(folder, self.options.dry_run)
         except OSError as err:
             self.fail(rel, "open its folder", err)
             return
@@ -2796,11 +2798,13 @@ class _Walk:
             if (st.st_dev, st.st_ino) != key:
                 self.emit("changed", rel, "linked differently")
                 return
-            path, fd = _at(dd, name)
-            try:
-                have = os.stat(path, dir_fd=fd, follow_symlinks=False)
-            except FileNotFoundError:
-                have = None
+            have = None
+            if dd is not None:  # (None: a folder a dry run would make)
+                path, fd = _at(dd, name)
+                try:
+                    have = os.stat(path, dir_fd=fd, follow_symlinks=False)
+                except FileNotFoundError:
+                    pass
             if have is not None and after is not None and (have.st_dev, have.st_ino) == after:
                 return  # already a name of that file
             with self.do.into(sd, dd):
@@ -2821,7 +2825,8 @@ class _Walk:
             self.fail(rel, "create hard link", err)
         finally:
             _close_dir(sd)
-            _close_dir(dd)
+            if dd is not None:
+                _close_dir(dd)
 
     def retry_copies(self) -> None:
         """Copy once more, one at a time, the files that failed for lack of
@@ -2859,22 +2864,34 @@ class _Walk:
                 _close_dir(dd)
         self.retries = []
 
-    def open_pair(self, folder: str) -> tuple:
+    def open_pair(self, folder: str, planned: bool = False) -> tuple:
         """Open a directory pair below the roots by its relative path, one
-        component at a time, never following a link."""
+        component at a time, never following a link.  planned: a dry run's
+        replica folder that is still to be made is None."""
         handles = []
         try:
             for root in (self.roots.source, self.roots.replica):
+                if root is None and planned:
+                    handles.append(None)
+                    continue
                 d = _dup(root)
                 handles.append(d)
                 for part in folder.split("/") if folder else []:
-                    inner = _open_dir(d, part)
+                    try:
+                        inner = _open_dir(d, part)
+                    except FileNotFoundError:
+                        if not planned or root is self.roots.source:
+                            raise
+                        inner = None
                     _close_dir(handles.pop())
                     d = inner
                     handles.append(d)
+                    if d is None:
+                        break
         except BaseException:
             for d in handles:
-                _close_dir(d)
+                if d is not None:
+                    _close_dir(d)
             raise
         return tuple(handles)
 

@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import sync
-from trees import BASE_MTIME_NS, diff, snapshot
+from trees import BASE_MTIME_NS, diff, same_file, snapshot
 
 PATHS = st.lists(st.sampled_from(["a", "b", "c"]), min_size=1, max_size=3).map("/".join)
 OPERATIONS = st.one_of(
@@ -23,6 +23,8 @@ OPERATIONS = st.one_of(
     st.tuples(st.just("rename"), PATHS, PATHS),
     st.tuples(st.just("chmod"), PATHS, st.sampled_from([0o644, 0o600, 0o755, 0o700, 0o444])),
     st.tuples(st.just("touch"), PATHS),  # a new mtime, older or newer, same bytes
+    st.tuples(st.just("hardlink"), PATHS, PATHS),  # another name for a file
+    st.tuples(st.just("xattr"), PATHS, st.sampled_from([b"", b"1", b"22"])),  # b"": removed
 )
 
 
@@ -103,6 +105,25 @@ class Source:
             if os.path.isfile(full) and not os.path.islink(full):
                 t = self.mtime()
                 os.utime(full, ns=(t, t))
+        elif kind == "hardlink":
+            target = args[0]
+            if (not os.path.isfile(full) or os.path.islink(full) or target == rel or rel.startswith(target + "/")
+                    or self.through_link(rel) or self.through_link(target)):
+                return
+            self.make_parents(target)
+            if not os.path.isfile(full):  # make_parents replaced an ancestor of it
+                return
+            self.clear(target)
+            os.link(full, self.path(target))
+        elif kind == "xattr":
+            if os.path.lexists(full) and not os.path.islink(full):
+                try:
+                    if args[0]:
+                        os.setxattr(full, "user.p", args[0])
+                    else:
+                        os.removexattr(full, "user.p")
+                except OSError:
+                    pass  # none to remove
 
 
 EXAMPLES = int(os.environ.get("SYNCPY_PROPERTY_EXAMPLES", "75"))
@@ -140,6 +161,9 @@ def mirrored(tree: dict, drawn) -> dict:
     for rel, value in tree.items():
         if drawn["exclude"] and b"c" in rel.split(b"/"):
             continue
+        if value[0] == "file" and value[-2][:1] == same_file(())[:1]:  # names of one file, those mirrored
+            names = [n for n in value[-2][1] if not (drawn["exclude"] and b"c" in n.split(b"/"))]
+            value = (*value[:-2], *([same_file(names)] if len(names) > 1 else []), value[-1])
         if drawn["window"] and value[0] in ("file", "dir"):
             value = (*value[:-1], "within the window")
         view[rel] = value

@@ -88,29 +88,51 @@ def _fill(path: bytes, description: dict) -> None:
             raise TypeError(f"cannot build {entry!r}")
 
 
-def snapshot(root, skip_special: bool = True) -> dict:
+def _xattrs(path) -> tuple:
+    try:
+        return tuple(sorted((key, os.getxattr(path, key, follow_symlinks=False))
+                            for key in os.listxattr(path, follow_symlinks=False)))
+    except (OSError, AttributeError):  # none on this file system or platform
+        return ()
+
+
+def snapshot(root, skip_special: bool = True, hard_links: bool = True) -> dict:
     """Everything lstat and the bytes say about a tree, keyed by relative path
-    (bytes).  Links are never followed.  Special files are left out unless
-    skip_special is False (sync.py does not mirror them)."""
+    (bytes): kind, bytes or link target, mode, owner and group, extended
+    attributes (ACLs included), mtime; for a file with other names in the
+    tree, the first of them.  Links are never followed.  Special files are
+    left out unless skip_special is False (sync.py does not mirror them)."""
     root = os.fsencode(root)
-    result = {}
+    result, names = {}, {}
     pending = [b""]
     while pending:
         rel = pending.pop()
         full = os.path.join(root, rel) if rel else root
         st = os.lstat(full)
         mode = stat.S_IMODE(st.st_mode)
+        owner = (st.st_uid, st.st_gid)
         if stat.S_ISLNK(st.st_mode):
-            result[rel] = ("link", os.readlink(full))
+            result[rel] = ("link", os.readlink(full), owner, st.st_mtime_ns)
         elif stat.S_ISREG(st.st_mode):
             with open(full, "rb") as f:
-                result[rel] = ("file", f.read(), oct(mode), st.st_mtime_ns)
+                result[rel] = ("file", f.read(), oct(mode), owner, _xattrs(full), st.st_mtime_ns)
+            if st.st_nlink > 1 and hard_links:
+                names.setdefault(st.st_ino, []).append(rel)
         elif stat.S_ISDIR(st.st_mode):
-            result[rel] = ("dir", oct(mode), st.st_mtime_ns)
+            result[rel] = ("dir", oct(mode), owner, _xattrs(full), st.st_mtime_ns)
             pending.extend(os.path.join(rel, name) if rel else name for name in os.listdir(full))
         elif not skip_special:
             result[rel] = ("special", oct(mode))
+    for group in names.values():
+        if len(group) > 1:
+            for rel in group:
+                result[rel] = (*result[rel][:-1], same_file(group), result[rel][-1])
     return result
+
+
+def same_file(names) -> tuple:
+    """How snapshot records the names in a tree that share one file."""
+    return ("names of one file", tuple(sorted(names)))
 
 
 def diff(a: dict, b: dict) -> list[str]:
@@ -128,8 +150,9 @@ def _short(value):
     return value
 
 
-def assert_mirror(source, replica) -> None:
-    differences = diff(snapshot(source), snapshot(replica))
+def assert_mirror(source, replica, hard_links: bool = True) -> None:
+    """hard_links=False: whether names share a file is not compared."""
+    differences = diff(snapshot(source, hard_links=hard_links), snapshot(replica, hard_links=hard_links))
     assert not differences, "replica differs from source:\n" + "\n".join(differences[:20])
 
 
