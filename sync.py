@@ -1588,7 +1588,10 @@ def _sort_out(listing: _Listing, options: Options, is_root: bool, replica_exists
     moves = []
     if unwanted and replica_exists:
         gone = {n: dst[n] for n in unwanted if n not in wanted and not _is_temp(n, dst[n])}
-        new = {n: e for n, e in wanted.items() if n not in dst and n not in keep}
+        # (A file with other names goes to the hard-link phase, which
+        # compares it against its own name only.)
+        new = {n: e for n, e in wanted.items() if n not in dst and n not in keep
+               and not (options.hard_links and e.kind == FILE and e.st.st_nlink > 1)}
         moves = _match_moves(gone, new)
     # An empty SOURCE allowed to be empty may empty REPLICA: that is what it asks for.
     doomed = []
@@ -2482,6 +2485,8 @@ class _Walk:
                 break
             if step.attrs.missed:
                 self.missed(step.attrs.missed)
+            if step.kind == "compare" and step.name in moved:
+                step = step._replace(kind="attrs")  # compared by sync_moves already
             if step.kind in _FILE_STEPS:
                 self.sync_file(frame, step, pending)
             elif step.kind == "hardlinked":
@@ -2592,9 +2597,10 @@ class _Walk:
         """Rename replica entries that the source renamed within this directory,
         instead of copying them again and deleting the old names.
 
-        Updates dst to match; returns {new name: old name} of the directories
-        moved (a dry run must still read them under their old name, and every
-        run must compare the files inside them by their bytes).
+        Updates dst to match; returns {new name: old name} of what was
+        moved: a directory (a dry run must still read it under its old name,
+        and every run must compare the files inside it by their bytes) or a
+        file (its bytes were compared just now).
         """
         moved = {}
         for old, name in moves:
@@ -2615,8 +2621,7 @@ class _Walk:
                 self.do.rename(frame.dd, old, name)
             except OSError:
                 continue  # e.g. a mount point in between: copy and delete instead
-            if wanted[name].kind == DIR:
-                moved[name] = old
+            moved[name] = old
             dst[name] = dst.pop(old)
             self.emit("move", rel, _join(frame.rel, old))
         return moved
@@ -2741,6 +2746,10 @@ class _Walk:
                 hx = _read_xattrs(_xattr_path(dd, name), keep) if keep.any_xattrs and have.kind == FILE else None
             except FileNotFoundError:
                 pass
+        if have is not None and have.kind != FILE:
+            if not self.options.dry_run:
+                return None  # the walk could not remove it, and said so
+            have = None  # the walk would have removed it
         before = (have.st.st_dev, have.st.st_ino) if have is not None else None
         steps = _steps({name: want}, {name: have} if have is not None else {}, set(),
                        self.options.checksum, self.options.modify_window_ns, self.times,
@@ -2805,6 +2814,8 @@ class _Walk:
                     have = os.stat(path, dir_fd=fd, follow_symlinks=False)
                 except FileNotFoundError:
                     pass
+            if have is not None and self.options.dry_run and not stat.S_ISREG(have.st_mode):
+                have = None  # the walk would have removed it
             if have is not None and after is not None and (have.st_dev, have.st_ino) == after:
                 return  # already a name of that file
             with self.do.into(sd, dd):
