@@ -163,3 +163,12 @@ def test_files_with_other_names_are_left_to_the_hard_link_phase():
         ("hardlinked", "a"), ("hardlinked", "b"), ("copy", "c")]
     no_links = ROOT._replace(hard_links=False)
     assert kinds(_steps(wanted, {}, set(), False, 0, Times(), no_links)) == [("copy", "a"), ("copy", "b"), ("copy", "c")]
+
+
+def test_a_file_with_other_names_is_no_rename_candidate():
+    src = {"new": f(10, T + 1, nlink=2), "new-alone": f(11, T + 2)}
+    dst = {"old": f(10, T + 1), "old-alone": f(11, T + 2)}
+    plan = _sort_out(listing(src, dst), Options(), False, True)
+    assert plan.moves == [("old-alone", "new-alone")]
+    assert _sort_out(listing(src, dst), Options(hard_links=False), False, True).moves == [
+        ("old", "new"), ("old-alone", "new-alone")]
