@@ -176,13 +176,14 @@ _DIR_FD = (
 
 # Metadata the platform lets a process set (see Keep).  Extended attributes
 # (and the POSIX ACLs Linux stores in them) are read by path: under a
-# directory descriptor, through /proc/self/fd.
+# directory descriptor, by name from inside the folder, or through
+# /proc/self/fd (see _list_xattrs).
 _XATTRS = hasattr(os, "listxattr") and (not _DIR_FD or os.path.isdir("/proc/self/fd"))
 _ACL_KEYS = ("system.posix_acl_access", "system.posix_acl_default")
 # The namespaces mirrored besides ACLs (others, such as system.nfs4_acl, are not).
 _ALL_NAMESPACES = frozenset({"user", "trusted", "security"})
 _OWNERS = hasattr(os, "chown")
-_HARD_LINKS = hasattr(os, "link")
+_HARD_LINKS = hasattr(os, "link") and os.link in os.supports_follow_symlinks  # (never following a link)
 _LINK_TIMES = os.utime in os.supports_follow_symlinks
 # Errors that say a file system (not this file) lacks a feature.
 _UNSUPPORTED = {errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS, getattr(errno, "ENOTSUPP", 524)}
@@ -553,7 +554,7 @@ class Keep(NamedTuple):
         system does not store)."""
         root = _is_root()
         unstored = [what for what, asked, stored in (
-            ("owners", options.owner and root or options.group, stores.owners),
+            ("owners", (options.owner and root or options.group) and _OWNERS, stores.owners),
             ("extended attributes", options.xattrs and _XATTRS, stores.xattrs),
             ("ACLs", options.acls and _XATTRS, stores.acls),
             ("hard links", options.hard_links and _HARD_LINKS, stores.hard_links)) if asked and not stored]
