@@ -1366,10 +1366,17 @@ def _set_file_attrs(dd, name, attrs: "_Attrs", keep: "Keep", expected: os.stat_r
         os.close(handle)
 
 
-def _set_link_attrs(dd, name, attrs: "_Attrs", st: os.stat_result) -> None:
+def _set_link_attrs(dd, name, attrs: "_Attrs", st: os.stat_result,
+                    expected: Optional[os.stat_result] = None) -> None:
     """Give a replica link its owner and group (attrs) and the time of st,
-    without following it."""
+    without following it; expected: the link as listed, which it must
+    still be (a hard link to a file outside the mirror swapped in under its
+    name is not changed: the window is that of a check just before)."""
     path, fd = _at(dd, name)
+    if expected is not None:
+        now = os.stat(path, dir_fd=fd, follow_symlinks=False)
+        if not (stat.S_ISLNK(now.st_mode) and os.path.samestat(now, expected)):
+            raise OSError(errno.ESTALE, "replaced while being updated")
     if attrs.uid != -1 or attrs.gid != -1:
         os.chown(path, attrs.uid, attrs.gid, dir_fd=fd, follow_symlinks=False)
     if _LINK_TIMES:
@@ -1879,7 +1886,7 @@ class _Changes:
         replica file may have (a hard-link group's)."""
         try:
             if have.kind == LINK:
-                _set_link_attrs(dd, name, attrs, want.st)
+                _set_link_attrs(dd, name, attrs, want.st, have.st)
                 return None
             if have.st.st_nlink > links:
                 # Another hard link could reach outside the replica: replace the file instead.

@@ -283,3 +283,32 @@ def test_a_file_system_that_stores_no_owners_or_xattrs_is_said_so_once_and_the_r
     finally:
         subprocess.run(["umount", str(stick)], capture_output=True)
         subprocess.run(["losetup", "-d", loop], capture_output=True)
+
+
+def test_a_file_swapped_in_for_a_replica_link_is_not_given_the_links_owner_or_time(ext4, monkeypatch):
+    src, dst = ext4 / "src", ext4 / "dst"
+    src.mkdir()
+    os.symlink("target", src / "l")
+    assert sync_once(src, dst)[0].exact
+    give(src / "l", 1000, 1000)
+    os.utime(src / "l", ns=(1_400_000_000_000_000_001,) * 2, follow_symlinks=False)
+    outside = ext4 / "precious"
+    outside.write_text("root's")
+    before = os.lstat(outside)
+    real_scan = sync._scan
+
+    def scan_then_swap(d):
+        entries, failed = real_scan(d)
+        if "l" in entries and os.path.islink(dst / "l") and os.path.samestat(os.fstat(d), os.lstat(dst)):
+            os.unlink(dst / "l")
+            os.link(outside, dst / "l")  # someone with access to the replica
+        return entries, failed
+
+    monkeypatch.setattr(sync, "_scan", scan_then_swap)
+    result, events = sync_once(src, dst)
+    assert [(e.path, e.detail) for e in events if e.action == "error"] == [
+        ("l", "cannot set owner, group and time: replaced while being updated (ESTALE)")]
+    after = os.lstat(outside)
+    assert (after.st_uid, after.st_gid, after.st_mtime_ns) == (before.st_uid, before.st_gid, before.st_mtime_ns)
+    monkeypatch.undo()
+    assert sync_once(src, dst)[0].exact and oracle(src, dst) == [], "the next pass puts the link back"
