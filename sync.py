@@ -2733,14 +2733,8 @@ class _Walk:
         walk would a lone file; returns (the replica file's identity before,
         after): None for one not made, None overall when it failed."""
         rel = _join(folder, name)
-        path, fd = _at(sd, name)
-        try:
-            st = os.stat(path, dir_fd=fd, follow_symlinks=False)
-        except FileNotFoundError:
-            self.emit("vanished", rel)
-            return None
-        if not stat.S_ISREG(st.st_mode) or (st.st_dev, st.st_ino) != key:
-            self.emit("changed", rel, "linked differently")
+        st = self.still_in_group(sd, name, rel, key)
+        if st is None:
             return None
         keep = self.keep
         want = Entry(FILE, st)
@@ -2796,6 +2790,20 @@ class _Walk:
             return None
         return before, (now.st_dev, now.st_ino)
 
+    def still_in_group(self, sd, name, rel, key) -> Optional[os.stat_result]:
+        """The source file NAME's stat, while it is still a name of the
+        group's file (key); else reported, and None (the next pass settles it)."""
+        path, fd = _at(sd, name)
+        try:
+            st = os.stat(path, dir_fd=fd, follow_symlinks=False)
+        except FileNotFoundError:
+            self.emit("vanished", rel)
+            return None
+        if not stat.S_ISREG(st.st_mode) or (st.st_dev, st.st_ino) != key:
+            self.emit("changed", rel, "linked differently")
+            return None
+        return st
+
     def link_member(self, leader_dd, leader_name, leader_rel, leader, key, folder, name) -> None:
         """Make one more name of a group a link to the group's replica file."""
         rel = _join(folder, name)
@@ -2806,14 +2814,7 @@ class _Walk:
             self.fail(rel, "open its folder", err)
             return
         try:
-            path, fd = _at(sd, name)
-            try:
-                st = os.stat(path, dir_fd=fd, follow_symlinks=False)
-            except FileNotFoundError:
-                self.emit("vanished", rel)
-                return
-            if (st.st_dev, st.st_ino) != key:
-                self.emit("changed", rel, "linked differently")
+            if self.still_in_group(sd, name, rel, key) is None:
                 return
             have = None
             if dd is not None:  # (None: a folder a dry run would make)

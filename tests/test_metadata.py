@@ -299,7 +299,7 @@ def test_a_file_swapped_in_for_a_replica_link_is_not_given_the_links_owner_or_ti
 
     def scan_then_swap(d):
         entries, failed = real_scan(d)
-        if "l" in entries and os.path.islink(dst / "l") and os.path.samestat(os.fstat(d), os.lstat(dst)):
+        if "l" in entries and os.path.islink(dst / "l") and os.path.samestat(os.stat(d), os.lstat(dst)):
             os.unlink(dst / "l")
             os.link(outside, dst / "l")  # someone with access to the replica
         return entries, failed

@@ -63,6 +63,14 @@ class Source:
                 self.clear(here)
                 os.mkdir(self.path(here))
 
+    def put(self, full, target, how):
+        """how(full, target path): rename or link full to target, in place of what is there."""
+        self.make_parents(target)
+        if not os.path.lexists(full):  # make_parents replaced an ancestor of it
+            return
+        self.clear(target)
+        how(full, self.path(target))
+
     def apply(self, op):
         kind, rel, *args = op
         full = self.path(rel)
@@ -93,11 +101,7 @@ class Source:
                 return  # a path through a link names something else: not a rename
             if rel.startswith(target + "/"):
                 return
-            self.make_parents(target)
-            if not os.path.lexists(full):  # make_parents replaced an ancestor of it
-                return
-            self.clear(target)
-            os.rename(full, self.path(target))
+            self.put(full, target, os.rename)
         elif kind == "chmod":
             if os.path.lexists(full) and not os.path.islink(full):
                 os.chmod(full, args[0] | (0o700 if os.path.isdir(full) else 0))
@@ -108,13 +112,9 @@ class Source:
         elif kind == "hardlink":
             target = args[0]
             if (not os.path.isfile(full) or os.path.islink(full) or target == rel or rel.startswith(target + "/")
-                    or self.through_link(rel) or self.through_link(target)):
+                    or target.startswith(rel + "/") or self.through_link(rel) or self.through_link(target)):
                 return
-            self.make_parents(target)
-            if not os.path.isfile(full):  # make_parents replaced an ancestor of it
-                return
-            self.clear(target)
-            os.link(full, self.path(target))
+            self.put(full, target, os.link)
         elif kind == "xattr":
             if os.path.lexists(full) and not os.path.islink(full):
                 try:
