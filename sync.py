@@ -469,10 +469,12 @@ class PassResult:
     def left_out(self) -> str:
         """The metadata an otherwise exact mirror lacks, and why ("": none)."""
         parts = []
-        if self.counts["missed o"]:
-            parts.append(f"the owners of {self.counts['missed o']:,} entries (only root may give them)")
-        if self.counts["missed g"]:
-            parts.append(f"the groups of {self.counts['missed g']:,} entries (this user is not in them)")
+        for letter, what, why in (("o", "owner", "only root may give them"),
+                                  ("g", "group", "this user is not in them")):
+            n = self.counts["missed " + letter]
+            if n:
+                parts.append(f"the {what}s of {n:,} entries ({why})" if n > 1 else
+                             f"the {what} of 1 entry ({why.replace('them', 'it')})")
         if self.unstored:
             parts.append(f"{_and(self.unstored)} (REPLICA's file system does not store them)")
         return "; ".join(parts)

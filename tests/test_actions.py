@@ -87,6 +87,8 @@ def test_the_summary_counts_each_action_under_its_label_in_table_order():
     assert clean.summary() == "pass finished in 0.50 s: checked 2, errors 0; 0 bytes copied; replica is an exact mirror"
     for missed, unstored, text in [
             ({"missed o": 3}, [], "the owners of 3 entries (only root may give them)"),
+            ({"missed o": 1, "missed g": 1}, [], "the owner of 1 entry (only root may give it); "
+                                                 "the group of 1 entry (this user is not in it)"),
             ({"missed g": 1200}, ["ACLs"], "the groups of 1,200 entries (this user is not in them); "
                                            "ACLs (REPLICA's file system does not store them)"),
             ({}, ["owners", "hard links"], "owners and hard links (REPLICA's file system does not store them)")]:
