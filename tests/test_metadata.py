@@ -312,3 +312,30 @@ def test_a_file_swapped_in_for_a_replica_link_is_not_given_the_links_owner_or_ti
     assert (after.st_uid, after.st_gid, after.st_mtime_ns) == (before.st_uid, before.st_gid, before.st_mtime_ns)
     monkeypatch.undo()
     assert sync_once(src, dst)[0].exact and oracle(src, dst) == [], "the next pass puts the link back"
+
+
+@pytest.mark.parametrize("other_thread", [False, True], ids=["from inside the folder", "through /proc"])
+def test_attributes_are_listed_alike_whichever_way_and_the_working_directory_stays(tmp_path, other_thread):
+    # By name from inside the folder while no other thread could use the
+    # working directory; through /proc/self/fd while one could.
+    import threading
+    make_tree(tmp_path / "d", {"a": "a", "b": "b", "sub": {}})
+    os.setxattr(tmp_path / "d" / "a", "user.k", b"v")
+    os.setxattr(tmp_path / "d" / "sub", "user.s", b"w")
+    keep = sync.Keep(xattrs=True, namespaces=frozenset({"user"}))
+    stop = threading.Event()
+    other = threading.Thread(target=stop.wait, name="host-thread") if other_thread else None
+    if other:
+        other.start()
+    here = os.getcwd()
+    d = os.open(tmp_path / "d", os.O_RDONLY)
+    try:
+        assert sync._cwd_is_ours() is not other_thread
+        entries, failed = sync._scan(d)
+        assert sync._list_xattrs(d, entries, keep, failed) == {"a": {"user.k": b"v"}, "sub": {"user.s": b"w"}}
+        assert failed == [] and os.getcwd() == here
+    finally:
+        os.close(d)
+        stop.set()
+        if other:
+            other.join()
