@@ -328,14 +328,14 @@ def test_attributes_are_listed_alike_whichever_way_and_the_working_directory_sta
     if other:
         other.start()
     here = os.getcwd()
-    d = os.open(tmp_path / "d", os.O_RDONLY)
+    d = sync._open_root(str(tmp_path / "d"))  # a descriptor, or (path mode) a path
     try:
         assert sync._cwd_is_ours() is not other_thread
         entries, failed = sync._scan(d)
         assert sync._list_xattrs(d, entries, keep, failed) == {"a": {"user.k": b"v"}, "sub": {"user.s": b"w"}}
         assert failed == [] and os.getcwd() == here
     finally:
-        os.close(d)
+        sync._close_dir(d)
         stop.set()
         if other:
             other.join()
