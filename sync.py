@@ -1892,12 +1892,16 @@ class _Changes:
                 return None
             if have.st.st_nlink > links:
                 # Another hard link could reach outside the replica: replace the file instead.
-                outcome = self.copy(sd, dd, name, attrs=_attrs(want, None, self.keep, attrs.xattrs or _NO_XATTRS))
+                outcome = self.copy(sd, dd, name, attrs=self.for_copy(want, attrs))
                 return (outcome.what, outcome.error) if outcome.result == "failed" else None
             _set_file_attrs(dd, name, attrs, self.keep, have.st)
         except OSError as err:
             return ("set " + _describe_letters(attrs.letters, "attributes"), err)
         return None
+
+    def for_copy(self, want: Entry, attrs: _Attrs) -> _Attrs:
+        """The metadata a new copy gets, from those planned for setting in place."""
+        return _attrs(want, None, self.keep, attrs.xattrs or _NO_XATTRS)
 
     def hard_link(self, leader_dd, leader, dd, name) -> None:
         """Make NAME in dd another name of the file leader in leader_dd, atomically."""
@@ -1994,7 +1998,7 @@ class _Changes:
                 return _Outcome("failed", what="move the old version to the trash", error=err)
         attrs = step.attrs
         if step.kind == "compare":  # the attributes for a new copy
-            attrs = _attrs(step.want, None, self.keep, attrs.xattrs or _NO_XATTRS)
+            attrs = self.for_copy(step.want, attrs)
         return self.copy(sd, dd, name, step.want.st.st_size, trash, attrs)
 
     def copy(self, sd, dd, name, size: int = 0, trash: str = "", attrs: _Attrs = _NO_ATTRS) -> _Outcome:
