@@ -2545,12 +2545,10 @@ class _Walk:
             if frame.dd is None:
                 return
             src = frame.src_st
-            touched = frame.dst_mtime is not None and \
+            set_times = frame.changed or frame.dst_mtime is None or \
                 abs(frame.dst_mtime - self.times.fit(src.st_mtime_ns)) > self.options.modify_window_ns
-            set_times = frame.changed or frame.dst_mtime is None or touched
             keep, have = self.keep, frame.dst_st
-            xattrs = frame.attrs
-            wx, hx = xattrs.xattrs or _NO_XATTRS, xattrs.have_x
+            wx, hx = frame.attrs.xattrs or _NO_XATTRS, frame.attrs.have_x
             try:
                 if have is None and (keep.owner or keep.group or keep.any_xattrs or src.st_mode & _SET_ID):
                     have = os.stat(frame.dd)  # made by this pass
