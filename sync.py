@@ -560,6 +560,8 @@ class Keep(NamedTuple):
             ("extended attributes", options.xattrs and _XATTRS, stores.xattrs),
             ("ACLs", options.acls and _XATTRS, stores.acls),
             ("hard links", options.hard_links and _HARD_LINKS, stores.hard_links)) if asked and not stored]
+        if options.xattrs and _XATTRS and stores.xattrs and _is_root(_CAP_SYS_ADMIN):
+            unstored += [f"{space}.* attributes" for space in sorted(_ALL_NAMESPACES - stores.namespaces)]
         groups = None
         if not root and hasattr(os, "getgroups"):
             groups = frozenset([*os.getgroups(), os.getegid()])
@@ -982,13 +984,13 @@ def _probe_replica(dd) -> Stores:
         target = out if _DIR_FD else path
         found["owners"] = _stores_owners(target)
         if _XATTRS:
+            # Set, then read back: some file systems (ntfs-3g by default)
+            # accept attributes and ACLs without storing them.
             found["namespaces"] = frozenset(
                 space for space in _ALL_NAMESPACES if (space == "user" or _is_root(_CAP_SYS_ADMIN))
-                and _stores(lambda: os.setxattr(target, f"{space}.syncpy-probe", b"1")))
+                and _stores(target, f"{space}.syncpy-probe", b"1"))
             found["xattrs"] = "user" in found["namespaces"]
-            # Setting the ACL that only restates the mode (owner rw, no one
-            # else: the probe file's 0600) changes nothing where ACLs are kept.
-            found["acls"] = _stores(lambda: os.setxattr(target, _ACL_KEYS[0], _MODE_ONLY_ACL))
+            found["acls"] = _stores(target, _ACL_KEYS[0], _PROBE_ACL)
         if _HARD_LINKS:
             def link(new, dir_fd):
                 os.link(path, new, src_dir_fd=fd, dst_dir_fd=dir_fd, follow_symlinks=False)
@@ -1009,17 +1011,23 @@ def _probe_replica(dd) -> Stores:
 
 
 # A POSIX ACL as Linux stores it: version 2, then (tag, permissions, id)
-# for the owner (rw), the group (none) and others (none).
-_MODE_ONLY_ACL = struct.pack("<I" + "HHI" * 3, 2, 0x01, 6, 0xFFFFFFFF, 0x04, 0, 0xFFFFFFFF, 0x20, 0, 0xFFFFFFFF)
+# for the owner (rw), user 1 (r), the group (none), the mask (r), others
+# (none).  Not one that only restates the mode: that is kept as the mode.
+_PROBE_ACL = struct.pack("<I" + "HHI" * 5, 2, 0x01, 6, 0xFFFFFFFF, 0x02, 4, 1, 0x04, 0, 0xFFFFFFFF,
+                         0x10, 4, 0xFFFFFFFF, 0x20, 0, 0xFFFFFFFF)
 
 
-def _stores(attempt) -> bool:
-    """Whether attempt() shows a feature is there (not refused as unsupported)."""
+def _stores(target, key: str, value: bytes) -> bool:
+    """Whether the file system of target stores the extended attribute key:
+    set it, then read it back and find it listed (ntfs-3g reads back what
+    it does not list: it would look missing on every pass)."""
     try:
-        attempt()
+        os.setxattr(target, key, value)
+        return os.getxattr(target, key) == value and key in os.listxattr(target)
     except OSError as err:
-        return err.errno not in (*_UNSUPPORTED, errno.EPERM)
-    return True
+        if err.errno in (*_UNSUPPORTED, errno.EPERM, errno.ENODATA):
+            return False
+        return True  # some other trouble: a real failure is reported where it happens
 
 
 def _stores_owners(target) -> bool:

@@ -339,3 +339,34 @@ def test_attributes_are_listed_alike_whichever_way_and_the_working_directory_sta
         stop.set()
         if other:
             other.join()
+
+
+def test_ntfs_that_takes_acls_and_trusted_attributes_without_keeping_them_is_found_out(tmp_path, mounts, tools):
+    # ntfs-3g as desktops mount it accepts an ACL, and reads back a
+    # trusted.* attribute it never lists: set-and-list probing tells.
+    ntfs = shutil.which("ntfs-3g")
+    if ntfs is None:
+        pytest.fail("ntfs-3g missing: apt-get install ntfs-3g")
+    disk, image = tmp_path / "ntfs", tmp_path / "ntfs.img"
+    disk.mkdir()
+    subprocess.run(["truncate", "-s", "32M", str(image)], check=True)
+    subprocess.run(["mkntfs", "-q", "-F", str(image)], check=True, capture_output=True)
+    subprocess.run([ntfs, str(image), str(disk)], check=True, capture_output=True)
+    mounts.made.append(str(disk))
+    src, dst = tmp_path / "src", disk / "dst"
+    src.mkdir()
+    make_tree(src, {"f": "x"})
+    os.setxattr(src / "f", "user.kept", b"1")
+    os.setxattr(src / "f", "trusted.dropped", b"2")
+    setfacl("-m", "u:1000:r", src / "f")
+    mirror = sync.Mirror(src, dst, sync.Options(modify_window_ns=2 * 10**9))
+    mirror.check(create=True)
+    first, second = [], []
+    mirror.run_pass(first.append)
+    mirror.run_pass(second.append)
+    assert [e.text() for e in first if e.action == "unstored"] == [
+        "REPLICA's file system does not store owners, ACLs, security.* attributes and trusted.* "
+        "attributes: they are not mirrored"]
+    assert os.getxattr(dst / "f", "user.kept") == b"1"
+    assert not [e for e in second if e.action == "attrs" and set(e.code) & set("ax")], \
+        "nothing it cannot keep is set again on every pass"
