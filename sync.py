@@ -2708,7 +2708,7 @@ class _Walk:
     def link_groups(self) -> None:
         """The hard-link phase: each group of source names that share one
         file (found by the walk, in whichever process) gets one replica
-        file.  The group's first name (in path order, so the same one every
+        file.  The group's first name (by folder, then name: the same one every
         pass) is brought up to date like any file; the others are made
         links to it.  It runs after the walk, in the main process, so a
         group may span the subtrees of several workers; a folder changed
