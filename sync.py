@@ -521,6 +521,7 @@ class Stores(NamedTuple):
     """What REPLICA's file system stores, as _probe_replica found it."""
 
     times: Times = Times()
+    modes: bool = True  # permission bits (exFAT and ntfs-3g without options show fixed ones)
     owners: bool = True
     xattrs: bool = True  # user.* attributes
     namespaces: frozenset = frozenset({"user", "trusted", "security"})  # those it stores
@@ -533,6 +534,7 @@ class Keep(NamedTuple):
     options, narrowed once per run to what this process may set and
     REPLICA's file system stores (Keep.decide)."""
 
+    modes: bool = True  # permission bits (all but a file system that does not store them)
     owner: bool = False
     group: bool = False
     groups: Optional[frozenset] = None  # the group ids this process may give (None: any, as root)
@@ -556,6 +558,7 @@ class Keep(NamedTuple):
         system does not store)."""
         root = _is_root()
         unstored = [what for what, asked, stored in (
+            ("permission bits", True, stores.modes),
             ("owners", (options.owner and root or options.group) and _OWNERS, stores.owners),
             ("extended attributes", options.xattrs and _XATTRS, stores.xattrs),
             ("ACLs", options.acls and _XATTRS, stores.acls),
@@ -565,7 +568,7 @@ class Keep(NamedTuple):
         groups = None
         if not root and hasattr(os, "getgroups"):
             groups = frozenset([*os.getgroups(), os.getegid()])
-        keep = cls(owner=options.owner and root and stores.owners,
+        keep = cls(modes=stores.modes, owner=options.owner and root and stores.owners,
                    group=options.group and stores.owners and _OWNERS, groups=groups,
                    owner_asked=options.owner and stores.owners and _OWNERS,
                    group_asked=options.group and stores.owners and _OWNERS,
@@ -982,6 +985,7 @@ def _probe_replica(dd) -> Stores:
     found = {}
     try:
         target = out if _DIR_FD else path
+        found["modes"] = _stores_modes(target)
         found["owners"] = _stores_owners(target)
         if _XATTRS:
             # Set, then read back: some file systems (ntfs-3g by default)
@@ -1028,6 +1032,18 @@ def _stores(target, key: str, value: bytes) -> bool:
         if err.errno in (*_UNSUPPORTED, errno.EPERM, errno.ENODATA):
             return False
         return True  # some other trouble: a real failure is reported where it happens
+
+
+def _stores_modes(target) -> bool:
+    """Whether permission bits are kept as set (two unlike modes read back)."""
+    try:
+        for mode in (0o640, 0o604):
+            os.chmod(target, mode)
+            if stat.S_IMODE(os.stat(target).st_mode) != mode:
+                return False
+    except OSError as err:
+        return err.errno not in (errno.EPERM, *_UNSUPPORTED)
+    return True
 
 
 def _stores_owners(target) -> bool:
@@ -1239,18 +1255,21 @@ def _set_file_stat(fout: int, path, dir_fd, st: os.stat_result, attrs: Optional[
     times = (st.st_atime_ns, st.st_mtime_ns)
     if attrs is not None:
         _give_attrs(fout if _DIR_FD else path, attrs, keep)
+    modes = keep is None or keep.modes  # (not on a file system that does not store them)
     if _DIR_FD:
         if mode & _SET_ID:
             now = os.fstat(fout)
             mode = _mirrored_mode(st, now.st_uid, now.st_gid)
-        os.chmod(fout, mode)
+        if modes:
+            os.chmod(fout, mode)
         os.utime(fout, ns=times)
     else:  # by path (Windows, and SYNCPY_NO_DIR_FD), after the data is flushed
         if mode & _SET_ID:
             now = os.stat(path)
             mode = _mirrored_mode(st, now.st_uid, now.st_gid)
         os.utime(path, ns=times)
-        os.chmod(path, mode)
+        if modes:
+            os.chmod(path, mode)
 
 
 def _set_xattrs(target, want: dict, have: dict, follow: bool = True) -> None:
@@ -1693,10 +1712,11 @@ def _attrs(want: Entry, have: Optional[os.stat_result], keep: Keep, wx: dict = _
         else:
             missed += "g"
     mode = None  # a new file gets its mode from _set_file_stat, once its owner is set
-    if want.kind != LINK and have is not None:
-        mode = _mirrored_mode(ws, uid, gid)
-        if mode != stat.S_IMODE(have.st_mode):
-            letters += "p"
+    if want.kind != LINK:
+        if have is not None and keep.modes:
+            mode = _mirrored_mode(ws, uid, gid)
+            if mode != stat.S_IMODE(have.st_mode):
+                letters += "p"
     elif have is not None and keep.link_times:
         if (fit(ws.st_mtime_ns) if fit else ws.st_mtime_ns) != have.st_mtime_ns:
             letters += "t"
@@ -2531,7 +2551,7 @@ class _Walk:
         into it or below it, so that nothing new is readable through it even
         for a moment (or after a kill); finish() sets its final mode.  False
         (reported) when that is impossible: the folder is then not entered."""
-        if frame.dd is None or frame.dst_mode is None:
+        if frame.dd is None or frame.dst_mode is None or not self.keep.modes:
             return True
         opened = frame.dst_mode & ~stat.S_IMODE(frame.src_st.st_mode) & 0o077
         if not opened:
@@ -2565,7 +2585,7 @@ class _Walk:
                 if have is not None:
                     attrs = _attrs(Entry(DIR, src), have, keep, wx, hx or _NO_XATTRS)
                 else:
-                    attrs = _Attrs(mode=stat.S_IMODE(src.st_mode))
+                    attrs = _Attrs(mode=stat.S_IMODE(src.st_mode) if keep.modes else None)
                 self.do.finish_dir(frame.dd, src, frame.dst_mode, set_times, attrs)
             except OSError as err:
                 self.fail(frame.rel, "set directory attributes and times", err)

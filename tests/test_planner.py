@@ -172,3 +172,10 @@ def test_a_file_with_other_names_is_no_rename_candidate():
     assert plan.moves == [("old-alone", "new-alone")]
     assert _sort_out(listing(src, dst), Options(hard_links=False), False, True).moves == [
         ("old", "new"), ("old-alone", "new-alone")]
+
+
+def test_permission_bits_are_neither_compared_nor_set_where_the_replica_does_not_store_them():
+    wanted, dst = {"f": f(mode=0o100600), "d": d(mode=0o40700)}, {"f": f(mode=0o100777), "d": d(mode=0o40777)}
+    assert kinds(_steps(wanted, dst, set(), False, 0, Times(), Keep(modes=False))) == [("enter", "d")]
+    (step,) = _steps({"new": f()}, {}, set(), False, 0, Times(), Keep(modes=False))
+    assert step.kind == "copy" and step.attrs.mode is None
