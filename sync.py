@@ -2919,7 +2919,8 @@ class _Walk:
     def open_pair(self, folder: str, planned: bool = False) -> tuple:
         """Open a directory pair below the roots by its relative path, one
         component at a time, never following a link.  planned: a dry run's
-        replica folder that is still to be made is None."""
+        replica folder that is still to be made (missing, or a file or link
+        the walk would replace) is None."""
         handles = []
         try:
             for root in (self.roots.source, self.roots.replica):
@@ -2931,8 +2932,11 @@ class _Walk:
                 for part in folder.split("/") if folder else []:
                     try:
                         inner = _open_dir(d, part)
-                    except FileNotFoundError:
-                        if not planned or root is self.roots.source:
+                    except OSError as err:
+                        # A dry run's folder still to be made: missing, or
+                        # a file or link the walk would replace.
+                        if not planned or root is self.roots.source or \
+                                err.errno not in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):
                             raise
                         inner = None
                     _close_dir(handles.pop())

@@ -8,7 +8,7 @@ import shutil
 import tempfile
 from unittest import mock
 
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import sync
@@ -214,6 +214,9 @@ def comparable(events):
 
 @settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(batches=BATCHES, drawn=OPTIONS)
+# A file the walk replaces by a folder, in which a hard link then goes (found by hypothesis).
+@example(batches=[[("write", "a", b""), ("write", "b", b"")], [("write", "a", b""), ("hardlink", "a", "b/a")]],
+         drawn={"checksum": False, "workers": 1, "trash": False, "exclude": False, "window": False})
 def test_a_dry_run_reports_exactly_what_the_next_pass_does(batches, drawn):
     for scratch, src, dst in source_changes(batches, drawn):
         replica = snapshot(dst)
