@@ -26,9 +26,14 @@ symbolic link):
 * everything else under REPLICA is removed, except paths left out with
   ``excludes`` (unless ``delete_excluded``).
 
-What REPLICA's file system does not store (owners, xattrs, ACLs, hard links,
-probed once per run) is reported once and named in the summary, as are the
-owners a process without root could not give (PassResult.left_out).
+What REPLICA's file system does not store (permission bits, owners, xattrs,
+ACLs, hard links, symbolic links: probed once per run, see _probe_replica)
+is reported once and named in the summary, as are the owners a process
+without root could not give (PassResult.left_out).  Names it would refuse,
+store under another name, or store as one entry (README and readme where
+case does not count) are errors, found before anything is written: such
+entries are never written, and a replica entry they would share is left as
+it is (see _fit_names).
 
 SOURCE is only ever read.  A pass that saw a file change or vanish while
 copying it is not exact either (PassResult.exact).  A replica file is current when its size and mtime
@@ -192,6 +197,20 @@ _UNSUPPORTED = {errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS, getattr(errno, "E
 _CAP_CHOWN, _CAP_SYS_ADMIN = 1 << 0, 1 << 21
 
 
+def _umask() -> int:
+    """This process's umask (Linux says it; elsewhere it is set and put back)."""
+    try:
+        with open("/proc/self/status", encoding="ascii", errors="replace") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def _capabilities() -> Optional[int]:
     """This process's effective capabilities (Linux), or None where unknown."""
     try:
@@ -284,6 +303,8 @@ ACTIONS = {
     "vanished": Action("info", "{path} vanished before it could be copied", "", "vanished"),
     # REPLICA's file system cannot store this mtime (detail: what it keeps)
     "clamped": Action("warning", "{path}: the time {detail}", ""),
+    # what REPLICA's file system was found to store, where that is not all ext4 stores (once a run)
+    "probe": Action("info", "replica file system: {detail}", ""),
     # what the options ask for but REPLICA's file system does not store (once a run)
     "unstored": Action("warning", "REPLICA's file system does not store {detail}: they are not mirrored", ""),
     # a pass took longer than the interval (detail: its seconds)
@@ -416,15 +437,21 @@ class Options:
     # CLI's {"LOG_FILE": path}); checked at the start of every pass, like the
     # separation of the trees.
     protect: dict = field(default_factory=dict)
-    # Metadata mirrored beside bytes, permission bits and times, where
-    # REPLICA's file system stores it (see Keep): owners only when running as
+    # Metadata mirrored beside bytes and times, where REPLICA's file system
+    # stores it (see Keep): permission bits, owners only when running as
     # root, groups the process may give, extended attributes (user.* only
     # unless root), POSIX ACLs, and names that share one file.
+    perms: bool = True
     owner: bool = True
     group: bool = True
     xattrs: bool = True
     acls: bool = True
     hard_links: bool = True
+    # Symbolic links.  False leaves them out of the mirror as excludes do
+    # (a replica entry of the same name is left alone) and counts them
+    # (PassResult.left_out); where REPLICA's file system cannot store links,
+    # each one is an error unless this is False.
+    links: bool = True
 
 
 @dataclass
@@ -440,7 +467,8 @@ class PassResult:
     refused: bool = False  # a safety check refused the pass or a folder: see the error events
     # What the options ask for but REPLICA's file system does not store
     # ("owners", "ACLs", ...); and in counts, besides the actions, "missed o"
-    # and "missed g": entries whose owner (group) this process may not give.
+    # and "missed g": entries whose owner (group) this process may not give,
+    # and "links left out" (Options.links).
     unstored: list = field(default_factory=list)
 
     @property
@@ -477,6 +505,9 @@ class PassResult:
                              f"the {what} of 1 entry ({why.replace('them', 'it')})")
         if self.unstored:
             parts.append(f"{_and(self.unstored)} (REPLICA's file system does not store them)")
+        links = self.counts["links left out"]
+        if links:
+            parts.append(f"{links:,} symbolic link{'s' * (links > 1)} (left out on request)")
         return "; ".join(parts)
 
 
@@ -517,9 +548,81 @@ class Times(NamedTuple):
                     or self.lowest is not None and ns < self.lowest)
 
 
+# Names Windows keeps for devices, with or without an extension (NTFS with
+# windows_names refuses them).
+_RESERVED_NAMES = frozenset(["CON", "PRN", "AUX", "NUL", *(f"COM{i}" for i in range(1, 10)),
+                             *(f"LPT{i}" for i in range(1, 10))])
+_ASCII_UPPER = str.maketrans("abcdefghijklmnopqrstuvwxyz", "ABCDEFGHIJKLMNOPQRSTUVWXYZ")
+
+
+class Names(NamedTuple):
+    """How a file system treats names, as _probe_names found it.  The
+    default, Names(), is a POSIX file system: any name but "/" and NUL,
+    as it is, case-sensitive."""
+
+    # "": case-sensitive; "ascii": a-z and A-Z are one letter (vfat without
+    # utf8); "unicode": every letter's cases are one (exFAT, FAT with utf8).
+    fold: str = ""
+    strips: str = ""  # trailing characters it drops ("." on FAT: "notes." is stored as "notes")
+    refuses: str = ""  # characters it refuses anywhere (":" on exFAT and NTFS with windows_names)
+    refuses_trailing: str = ""  # characters it refuses at the end (" " on FAT)
+    reserved: bool = False  # refuses DOS device names (CON, nul.txt, ...)
+    utf8: bool = False  # refuses names that are not valid UTF-8
+
+    def key(self, name: str) -> str:
+        """The name as the file system compares it: names with one key are one entry.
+        Unicode letters fold by their simple (one-letter) upper case, as
+        exFAT's up-case table does; composed and decomposed accents stay apart."""
+        if self.fold == "ascii":
+            return name.translate(_ASCII_UPPER)
+        if self.fold == "unicode":
+            if name.isascii():
+                return name.upper()
+            return "".join(up if len(up := c.upper()) == 1 else c for c in name)
+        return name
+
+    def problem(self, name: str) -> str:
+        """Why the file system would not hold name as it is ("": it would)."""
+        if self.utf8:
+            try:
+                name.encode("utf-8")
+            except UnicodeEncodeError:
+                return "it is not valid UTF-8"
+        if self.refuses:
+            bad = sorted({c for c in name if c in self.refuses})
+            if bad:
+                return f"it contains {_and([repr(c) for c in bad])}"
+        end = name[-1:]
+        if end and end in self.refuses_trailing:
+            return f"it ends with {end!r}"
+        if end and end in self.strips:
+            return f"it ends with {end!r}, which would be dropped (stored as {name.rstrip(self.strips)!r})"
+        if self.reserved and name.partition(".")[0].rstrip(" ").upper() in _RESERVED_NAMES:
+            return "it is a reserved device name on Windows"
+        return ""
+
+    def describe(self) -> list:
+        """What sets these names apart from a POSIX file system, in words."""
+        parts = []
+        if self.fold:
+            parts.append("case-insensitive" + (" (ASCII letters only)" if self.fold == "ascii" else ""))
+        if self.refuses:
+            shown = [c for c in self.refuses if c.isprintable()]
+            if len(shown) < len(self.refuses):
+                shown.append("control characters")
+            parts.append(f"no {' '.join(shown)} in names")
+        for chars, how in ((self.strips, "drops"), (self.refuses_trailing, "refuses")):
+            if chars:
+                parts.append(f"{how} trailing {_and([repr(c) for c in chars])}")
+        if self.reserved:
+            parts.append("no device names (CON, NUL, ...)")
+        return parts
+
+
 class Stores(NamedTuple):
     """What REPLICA's file system stores, as _probe_replica found it."""
 
+    kind: str = ""  # its type, as the mount table (or the disk's boot sector) names it
     times: Times = Times()
     modes: bool = True  # permission bits (exFAT and ntfs-3g without options show fixed ones)
     owners: bool = True
@@ -527,6 +630,26 @@ class Stores(NamedTuple):
     namespaces: frozenset = frozenset({"user", "trusted", "security"})  # those it stores
     acls: bool = True
     hard_links: bool = True
+    links: bool = True  # symbolic links
+    names: Names = Names()
+
+    def describe(self) -> str:
+        """What was found, in a few words: "exfat (fuseblk), times 10 ms,
+        no permission bits, no links, case-insensitive, ..."."""
+        times = self.times
+        step = times.step
+        parts = [self.kind or "type unknown"]
+        if step == 1:
+            parts.append("times 1 ns")
+        else:
+            value, unit = next((step // size, unit) for size, unit in
+                               ((1_000_000_000, "s"), (1_000_000, "ms"), (1_000, "us"), (1, "ns"))
+                               if step % size == 0)
+            parts.append(f"times {value} {unit}" + (f" (rounded {times.rounding})" if times.rounding != "down" else ""))
+        parts += [f"no {what}" for what, stored in (
+            ("permission bits", self.modes), ("owners", self.owners), ("extended attributes", self.xattrs),
+            ("ACLs", self.acls), ("hard links", self.hard_links), ("links", self.links)) if not stored]
+        return ", ".join(parts + self.names.describe())
 
 
 class Keep(NamedTuple):
@@ -551,6 +674,10 @@ class Keep(NamedTuple):
     acls: bool = False
     hard_links: bool = False
     link_times: bool = False  # times of symbolic links (set without following them)
+    # Permission bits not mirrored (Options.perms) on a file system that
+    # stores them: new entries get the source's bits less this umask, as
+    # with rsync --no-perms (None: modes mirrored, or not stored at all).
+    umask: Optional[int] = None
 
     @classmethod
     def decide(cls, options: "Options", stores: Stores) -> tuple["Keep", list]:
@@ -558,7 +685,7 @@ class Keep(NamedTuple):
         system does not store)."""
         root = _is_root()
         unstored = [what for what, asked, stored in (
-            ("permission bits", True, stores.modes),
+            ("permission bits", options.perms, stores.modes),
             ("owners", (options.owner and root or options.group) and _OWNERS, stores.owners),
             ("extended attributes", options.xattrs and _XATTRS, stores.xattrs),
             ("ACLs", options.acls and _XATTRS, stores.acls),
@@ -568,7 +695,7 @@ class Keep(NamedTuple):
         groups = None
         if not root and hasattr(os, "getgroups"):
             groups = frozenset([*os.getgroups(), os.getegid()])
-        keep = cls(modes=stores.modes, owner=options.owner and root and stores.owners,
+        keep = cls(modes=options.perms and stores.modes, owner=options.owner and root and stores.owners,
                    group=options.group and stores.owners and _OWNERS, groups=groups,
                    owner_asked=options.owner and stores.owners and _OWNERS,
                    group_asked=options.group and stores.owners and _OWNERS,
@@ -577,8 +704,13 @@ class Keep(NamedTuple):
                    namespaces=stores.namespaces & (_ALL_NAMESPACES if _is_root(_CAP_SYS_ADMIN) else {"user"}),
                    acls=options.acls and _XATTRS and stores.acls,
                    hard_links=options.hard_links and _HARD_LINKS and stores.hard_links,
-                   link_times=_LINK_TIMES)
+                   link_times=_LINK_TIMES, umask=None if options.perms or not stores.modes else _umask())
         return keep, unstored
+
+    def new_mode(self, st: os.stat_result) -> Optional[int]:
+        """The permission bits a new replica entry gets for source stat st
+        where they are not mirrored (None: mirrored, or not stored)."""
+        return None if self.umask is None else stat.S_IMODE(st.st_mode) & 0o777 & ~self.umask
 
     @property
     def any_xattrs(self) -> bool:
@@ -971,47 +1103,143 @@ def _probe_times(dd) -> Times:
             pass  # the walk sets it anyway when the pass goes on
 
 
-def _probe_replica(dd) -> Stores:
-    """Learn what the file system of directory dd stores: times (see
-    _probe_times), owners, extended attributes, ACLs and hard links, tried
-    on a temporary file there.  What the probe cannot try counts as stored:
-    a real failure is then reported where it happens."""
-    times = _probe_times(dd)
+def _probe_replica(dd, kind: str = "") -> Stores:
+    """Learn what the file system of directory dd (of type kind) stores:
+    names (see _probe_names), symbolic links, times (see _probe_times),
+    permission bits, owners, extended attributes, ACLs and hard links,
+    tried in a temporary folder made there and removed (dd keeps its
+    times).  What the probe cannot try counts as stored: a real failure
+    is then reported where it happens."""
     try:
         folder = os.stat(dd)
-        path, fd, out = _create_temp(dd, _create_temp_file)
+        path, fd, _ = _create_temp(dd, lambda path, dir_fd: os.mkdir(path, 0o700, dir_fd=dir_fd))
     except OSError:
-        return Stores(times)
-    found = {}
+        return Stores(kind)
+    found = {"kind": kind}
+    pd = None
     try:
-        target = out if _DIR_FD else path
-        found["modes"] = _stores_modes(target)
-        found["owners"] = _stores_owners(target)
-        if _XATTRS:
-            # Set, then read back: some file systems (ntfs-3g by default)
-            # accept attributes and ACLs without storing them.
-            found["namespaces"] = frozenset(
-                space for space in _ALL_NAMESPACES if (space == "user" or _is_root(_CAP_SYS_ADMIN))
-                and _stores(target, f"{space}.syncpy-probe", b"1"))
-            found["xattrs"] = "user" in found["namespaces"]
-            found["acls"] = _stores(target, _ACL_KEYS[0], _PROBE_ACL)
-        if _HARD_LINKS:
-            def link(new, dir_fd):
-                os.link(path, new, src_dir_fd=fd, dst_dir_fd=dir_fd, follow_symlinks=False)
-            try:
-                second, second_fd, _ = _create_temp(dd, link)
-            except OSError as err:
-                found["hard_links"] = err.errno not in (errno.EPERM, errno.EMLINK, *_UNSUPPORTED)
-            else:
-                _discard_temp(second, second_fd)
-    finally:
-        os.close(out)
-        _discard_temp(path, fd)
+        pd = _open_dir(dd, os.path.basename(path))
+        found["names"] = _probe_names(pd)
+        found["links"] = _probe_symlinks(pd)
+        found["times"] = _probe_times(pd)
+        probe, probe_fd, out = _create_temp(pd, _create_temp_file)
         try:
+            target = out if _DIR_FD else probe
+            found["modes"] = _stores_modes(target)
+            found["owners"] = _stores_owners(target)
+            if _XATTRS:
+                # Set, then read back: some file systems (ntfs-3g by default)
+                # accept attributes and ACLs without storing them.
+                found["namespaces"] = frozenset(
+                    space for space in _ALL_NAMESPACES if (space == "user" or _is_root(_CAP_SYS_ADMIN))
+                    and _stores(target, f"{space}.syncpy-probe", b"1"))
+                found["xattrs"] = "user" in found["namespaces"]
+                found["acls"] = _stores(target, _ACL_KEYS[0], _PROBE_ACL)
+            if _HARD_LINKS:
+                second, second_fd = _at(pd, "second")
+                try:
+                    os.link(probe, second, src_dir_fd=probe_fd, dst_dir_fd=second_fd, follow_symlinks=False)
+                except OSError as err:
+                    found["hard_links"] = err.errno not in (errno.EPERM, errno.EMLINK, *_UNSUPPORTED)
+        finally:
+            os.close(out)
+    except OSError:
+        pass  # what was found so far stands; the rest counts as stored
+    finally:
+        if pd is not None:
+            _empty_probe_folder(pd)
+            _close_dir(pd)
+        try:
+            os.rmdir(path, dir_fd=fd)
             os.utime(dd, ns=(folder.st_atime_ns, folder.st_mtime_ns))
         except OSError:
-            pass  # the walk sets it anyway when the pass goes on
-    return Stores(times, **found)
+            pass  # a leftover probe folder is removed by the next pass
+    return Stores(**found)
+
+
+def _empty_probe_folder(pd) -> None:
+    """Remove what the probes left in their folder."""
+    try:
+        for entry in os.scandir(pd):
+            path, fd = _at(pd, entry.name)
+            try:
+                os.unlink(path, dir_fd=fd)
+            except OSError:
+                pass  # then rmdir fails and the next pass removes the folder
+    except OSError:
+        pass
+
+
+def _probe_symlinks(pd) -> bool:
+    """Whether symbolic links can be made (FAT and exFAT cannot)."""
+    path, fd = _at(pd, "link")
+    try:
+        os.symlink("target", path, dir_fd=fd)
+    except OSError as err:
+        return err.errno not in (errno.EPERM, *_UNSUPPORTED)
+    return True
+
+
+# Every ASCII character a POSIX name may hold but letters and digits: those
+# some file systems refuse (FAT, exFAT and Windows: " * / : < > ? \ | and
+# control characters).
+_PROBE_CHARS = "".join(chr(c) for c in range(1, 128) if not chr(c).isalnum() and chr(c) != "/")
+
+
+def _probe_names(pd) -> Names:
+    """Learn how the file system of the empty folder pd treats names: make
+    files under names that tell case-insensitive, refusing and trimming
+    file systems apart, and see what it keeps."""
+    def kept(name: str) -> Optional[str]:
+        """The name the file system lists for a file created as name (None: refused)."""
+        path, fd = _at(pd, name)
+        try:
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_NOFOLLOW | _O_CLOEXEC, 0o600,
+                             dir_fd=fd))
+        except OSError as err:
+            if err.errno in (errno.EEXIST, errno.EACCES, errno.EROFS, errno.ENOSPC, errno.EDQUOT) \
+                    or os.stat(pd).st_nlink == 0:  # (removed under the probe: raises where by path)
+                raise  # not about the name: the probe cannot tell
+            return None
+        listed = os.listdir(pd)
+        for other in listed:
+            other_path, other_fd = _at(pd, other)
+            os.unlink(other_path, dir_fd=other_fd)
+        return listed[0] if len(listed) == 1 else name
+
+    def same(name: str, other: str) -> bool:
+        path, fd = _at(pd, name)
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_NOFOLLOW | _O_CLOEXEC, 0o600,
+                         dir_fd=fd))
+        try:
+            other_path, other_fd = _at(pd, other)
+            return os.path.exists(other_path) if other_fd is None else _exists_at(other_fd, other)
+        finally:
+            os.unlink(path, dir_fd=fd)
+
+    fold = "unicode" if same("probe-\u00e9", "PROBE-\u00c9") else "ascii" if same("probe-a", "PROBE-A") else ""
+    inner = [c for c in _PROBE_CHARS if c not in ". "]
+    refuses = ""  # (one name with them all first: on a NAS each file made costs a round trip)
+    if kept(f"a{''.join(inner)}b") is None:
+        refuses = "".join(c for c in inner if kept(f"a{c}b") is None)
+    strips = refused_end = ""
+    for c in ". ":
+        got = kept("a" + c)
+        if got is None:
+            refused_end += c
+        elif got == "a":
+            strips += c
+    reserved = kept("CON") is None or kept("nul.txt") is None
+    utf8 = kept("a\udcffb") is None
+    return Names(fold, strips, refuses, refused_end, reserved, utf8)
+
+
+def _exists_at(dir_fd, name) -> bool:
+    try:
+        os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    return True
 
 
 # A POSIX ACL as Linux stores it: version 2, then (tag, permissions, id)
@@ -1256,6 +1484,8 @@ def _set_file_stat(fout: int, path, dir_fd, st: os.stat_result, attrs: Optional[
     if attrs is not None:
         _give_attrs(fout if _DIR_FD else path, attrs, keep)
     modes = keep is None or keep.modes  # (not on a file system that does not store them)
+    if not modes and keep.umask is not None:  # not mirrored, but stored: as a new file gets them
+        mode, modes = keep.new_mode(st), True
     if _DIR_FD:
         if mode & _SET_ID:
             now = os.fstat(fout)
@@ -1301,10 +1531,11 @@ def _give_attrs(target, attrs: "_Attrs", keep: "Keep", follow: bool = True, dir_
         os.chmod(target, attrs.mode)
 
 
-def _copy_file(sd, dd, name, abort=None, attrs=None, keep=None) -> tuple[int, bool]:
+def _copy_file(sd, dd, name, abort=None, attrs=None, keep=None, before_replace=None) -> tuple[int, bool]:
     """Copy NAME from directory sd to directory dd atomically, holes of a
     sparse file left as holes; attrs (and keep): the owner and extended
-    attributes it gets besides permission bits and times.
+    attributes it gets besides permission bits and times; before_replace:
+    called once the copy is complete, just before it takes the name.
 
     Returns (bytes copied, stable) where stable is False when the source's size
     or mtime changed during the copy.  The replica then carries the pre-copy
@@ -1338,13 +1569,31 @@ def _copy_file(sd, dd, name, abort=None, attrs=None, keep=None) -> tuple[int, bo
                 _set_file_stat(fout, tmp_path, tmp_fd, before, attrs, keep)
             after = os.fstat(fin)
             final_path, final_fd = _at(dd, name)
-            os.replace(tmp_path, final_path, src_dir_fd=tmp_fd, dst_dir_fd=final_fd)
+            if before_replace is not None:
+                before_replace()
+            _put_in_place(tmp_path, final_path, tmp_fd, final_fd)
         except BaseException:
             _discard_temp(tmp_path, tmp_fd)
             raise
     finally:
         os.close(fin)
     return copied, _same_signature(before, after)
+
+
+# What a file system answers to a name it will not store (exFAT's ENOENT
+# for ":" is found by the probe instead: it also means a folder gone).
+_NAME_ERRORS = (errno.EINVAL, errno.EILSEQ, errno.ENAMETOOLONG)
+
+
+def _put_in_place(path, final_path, dir_fd, final_fd) -> None:
+    """os.replace a finished temporary file (or link) over its final name;
+    a name the file system refuses is said to be one."""
+    try:
+        os.replace(path, final_path, src_dir_fd=dir_fd, dst_dir_fd=final_fd)
+    except OSError as err:
+        if err.errno in _NAME_ERRORS:
+            raise OSError(err.errno, "the replica's file system does not accept this name") from None
+        raise
 
 
 def _discard_temp(path, dir_fd) -> None:
@@ -1364,7 +1613,7 @@ def _make_link(dd, name, target: str, attrs: Optional["_Attrs"] = None,
         if st is not None:
             _set_link_attrs(dd, os.path.basename(tmp_path), attrs or _NO_ATTRS, st)
         final_path, _ = _at(dd, name)
-        os.replace(tmp_path, final_path, src_dir_fd=fd, dst_dir_fd=fd)
+        _put_in_place(tmp_path, final_path, fd, fd)
     except BaseException:
         _discard_temp(tmp_path, fd)
         raise
@@ -1531,7 +1780,8 @@ def _holds_newer(d, name, limit: float) -> bool:
 
 
 def _is_temp(name: str, entry: Entry) -> bool:
-    return entry.kind == FILE and bool(_TEMP_NAME.match(name))
+    """A temporary file, or a probe's temporary folder (see _probe_replica)."""
+    return entry.kind in (FILE, DIR) and bool(_TEMP_NAME.match(name))
 
 
 def _real(entries: dict) -> bool:
@@ -1587,11 +1837,20 @@ class _Plan(NamedTuple):
     moves: list  # (old, new): replica entries the source seems to have renamed (see _match_moves)
     doomed: list  # unwanted names that would really be deleted (not moved, not temporary): for the guards
     empty: bool  # the source folder holds nothing real (only temporary files, or nothing)
+    # Names REPLICA's file system cannot hold as they are (see _fit_names):
+    refused: list = []  # (name, why): never written
+    clashes: list = []  # sorted groups of names it would store as one entry: none is written
+    recased: list = []  # (old, new): replica entries whose name differs from the source's in case only
+    unlinked: list = []  # symbolic links not mirrored (Options.links, or REPLICA cannot store them)
 
 
-def _sort_out(listing: _Listing, options: Options, is_root: bool, replica_exists: bool) -> _Plan:
-    """Decide what one folder pair needs from its listings (see _Plan)."""
+def _sort_out(listing: _Listing, options: Options, is_root: bool, replica_exists: bool,
+              stores: Stores = Stores()) -> _Plan:
+    """Decide what one folder pair needs from its listings (see _Plan);
+    stores: what REPLICA's file system stores (names, links, times)."""
+    names = stores.names
     src, dst = listing.src, listing.dst
+    all_dst = dst
     patterns = options.excludes
     if patterns:
         rel = listing.rel
@@ -1612,33 +1871,92 @@ def _sort_out(listing: _Listing, options: Options, is_root: bool, replica_exists
     failed = [(name, "read", err) for name, err in listing.unreadable]
     failed += [(name, "examine replica entry", err) for name, err in listing.dst_unreadable]
     keep = {name for name, _, _ in failed}  # names whose replica entry must not be touched
-    wanted, skipped = {}, []
+    wanted, skipped, unlinked = {}, [], []
     for name, entry in src.items():
         if _TEMP_NAME.match(name):
             continue  # another sync.py's half-written file, not user data
         if entry.kind == SPECIAL:
             skipped.append((name, _special_kind(entry.st.st_mode)))
             continue
+        if entry.kind == LINK and not (options.links and stores.links):
+            unlinked.append(name)  # a replica entry of its name stays as it is
+            keep.add(name)
+            continue
         wanted[name] = entry
-    unwanted = sorted(n for n, have in dst.items() if n not in keep
+    refused, clashes, recased = [], [], []
+    if names != _POSIX_NAMES and wanted:
+        wanted, refused, clashes, recased, untouchable = _fit_names(wanted, dst, all_dst, names)
+        keep |= untouchable
+    recasing = {old: new for old, new in recased}
+    unwanted = sorted(n for n, have in dst.items() if n not in keep and n not in recasing
                       and ((want := wanted.get(n)) is None or want.kind != have.kind))
     moves = []
     if unwanted and replica_exists:
         gone = {n: dst[n] for n in unwanted if n not in wanted and not _is_temp(n, dst[n])}
         # (A file with other names goes to the hard-link phase, which
         # compares it against its own name only.)
-        new = {n: e for n, e in wanted.items() if n not in dst and n not in keep
+        recasing_to = set(recasing.values())
+        new = {n: e for n, e in wanted.items() if n not in dst and n not in keep and n not in recasing_to
                and not (options.hard_links and e.kind == FILE and e.st.st_nlink > 1)}
-        moves = _match_moves(gone, new)
+        moves = _match_moves(gone, new, stores)
     # An empty SOURCE allowed to be empty may empty REPLICA: that is what it asks for.
     doomed = []
     if unwanted and not (is_root and options.allow_empty_source and empty):
         moving = {old for old, _ in moves}
         doomed = [n for n in unwanted if n not in moving and not _is_temp(n, dst[n])]
-    return _Plan(len(src), "", failed, skipped, wanted, dict(dst), keep, unwanted, moves, doomed, empty)
+    return _Plan(len(src), "", failed, skipped, wanted, dict(dst), keep, unwanted, moves, doomed, empty,
+                 refused, clashes, recased, unlinked)
 
 
-def _match_moves(gone: dict, new: dict):
+_POSIX_NAMES = Names()
+
+
+def _fit_names(wanted: dict, dst: dict, all_dst: dict, names: Names) -> tuple:
+    """Fit the source names of one folder to a replica file system that
+    refuses, trims or folds some (names), before anything is written:
+
+    * a name it would refuse or store as another name is refused;
+    * names it would store as one entry (README and readme where case does
+      not count) clash: none of them is written, and the replica entry
+      they share is left as it is (an overwrite would lose one silently);
+    * a replica entry that differs from its source name in case only is
+      renamed (recased), not deleted and copied again.
+
+    dst: the replica entries the pass may change; all_dst: with those
+    excludes protect.  Returns (wanted, refused, clashes, recased, replica
+    names to leave alone)."""
+    refused, by_key = [], {}
+    dst_keys = {names.key(name): name for name in all_dst}  # one per key on such a file system
+    for name in wanted:
+        why = names.problem(name)
+        if not why and name not in dst:
+            other = dst_keys.get(names.key(name))
+            if other is not None and other not in dst:
+                why = f"it would be stored over the excluded replica entry {other!r}"
+        if why:
+            refused.append((name, why))
+        else:
+            by_key.setdefault(names.key(name), []).append(name)
+    refused.sort()
+    clashes = sorted(sorted(group) for group in by_key.values() if len(group) > 1)
+    left_out = {name for name, _ in refused}.union(*clashes)
+    if left_out:
+        wanted = {name: entry for name, entry in wanted.items() if name not in left_out}
+    clashing = {names.key(group[0]) for group in clashes}
+    untouchable = {name for name in dst if names.key(name) in clashing}
+    recased = []
+    if names.fold:
+        for name in wanted:
+            if name not in dst:
+                old = dst_keys.get(names.key(name))
+                if old is not None and old in dst and old not in wanted and old not in untouchable \
+                        and dst[old].kind == wanted[name].kind:
+                    recased.append((old, name))
+        recased.sort()
+    return wanted, refused, clashes, recased, untouchable
+
+
+def _match_moves(gone: dict, new: dict, stores: Stores = Stores()):
     """Pairs (old name, new name) of one directory's entries that were renamed.
 
     Candidates need an mtime with a sub-second part (a real write, not a time
@@ -1646,30 +1964,36 @@ def _match_moves(gone: dict, new: dict):
     both sides.  Directories match on (mtime, mode): renaming a folder does
     not change its own mtime, and the walk then checks its contents file by
     file as usual.  Files match on (size, mtime) and the caller compares
-    their bytes before moving.
+    their bytes before moving.  Source times are compared as REPLICA's file
+    system stores them (stores), and modes only where it stores them; on
+    one that keeps whole seconds, any mtime is a candidate.
     """
-    def key(entry):
+    fit = stores.times.fit
+    coarse = stores.times.step % 1_000_000_000 == 0
+
+    def key(entry, replica):
         st = entry.st
-        if st is None or not st.st_mtime_ns % 1_000_000_000:  # links have no st
+        if st is None or not (coarse or st.st_mtime_ns % 1_000_000_000):  # links have no st
             return None
+        mtime = st.st_mtime_ns if replica else fit(st.st_mtime_ns)
         if entry.kind == DIR:
-            return (DIR, st.st_mtime_ns, stat.S_IMODE(st.st_mode))
+            return (DIR, mtime, stat.S_IMODE(st.st_mode) if stores.modes else None)
         if entry.kind == FILE and st.st_size:
-            return (FILE, st.st_size, st.st_mtime_ns)
+            return (FILE, st.st_size, mtime)
         return None
 
-    def unique(entries):
+    def unique(entries, replica):
         found = {}
         for name, entry in entries.items():
-            k = key(entry)
+            k = key(entry, replica)
             if k is not None:
                 found[k] = None if k in found else name
         return {k: name for k, name in found.items() if name is not None}
 
     if not gone or not new:
         return []
-    olds = unique(gone)
-    return sorted((olds[k], name) for k, name in unique(new).items() if k in olds)
+    olds = unique(gone, True)
+    return sorted((olds[k], name) for k, name in unique(new, False).items() if k in olds)
 
 
 class _Attrs(NamedTuple):
@@ -1870,7 +2194,12 @@ class _Changes:
 
     def mkdir(self, dd, name) -> None:
         path, fd = _at(dd, name)
-        os.mkdir(path, 0o700, dir_fd=fd)
+        try:
+            os.mkdir(path, 0o700, dir_fd=fd)
+        except OSError as err:
+            if err.errno in _NAME_ERRORS:
+                raise OSError(err.errno, "the replica's file system does not accept this name") from None
+            raise
 
     def child_replica(self, dd, name, have: Optional[Entry], moved_from: Optional[str]) -> tuple:
         """(whether the replica folder of subfolder NAME exists now, the name to open it by)."""
@@ -1906,6 +2235,18 @@ class _Changes:
         old_path, fd = _at(dd, old)
         new_path, _ = _at(dd, new)
         os.rename(old_path, new_path, src_dir_fd=fd, dst_dir_fd=fd)
+
+    def recase(self, dd, old, new) -> None:
+        """Rename a replica entry to a name that differs in case only, by
+        way of a temporary name: FAT keeps the old spelling on a direct rename."""
+        temp = _temp_name()
+        self.rename(dd, old, temp)
+        try:
+            self.rename(dd, temp, new)
+        except OSError:
+            with contextlib.suppress(OSError):
+                self.rename(dd, temp, old)
+            raise
 
     def make_link(self, dd, name, want: Entry, attrs: _Attrs) -> None:
         _make_link(dd, name, want.target, attrs, want.st)
@@ -2018,24 +2359,33 @@ class _Changes:
                 return _STOPPED
             except OSError as err:
                 return _Outcome("failed", what="compare contents", error=err)
-        trash = ""
+        trash, move_old = "", None
         if self.trash is not None and step.have is not None:
             try:
                 trash = self.keep_in_trash(dd, name, rel)
             except OSError as err:
-                return _Outcome("failed", what="move the old version to the trash", error=err)
+                if err.errno not in (errno.EPERM, errno.EMLINK, *_UNSUPPORTED):
+                    return _Outcome("failed", what="move the old version to the trash", error=err)
+                # No hard links here (FAT, exFAT): the old version moves to
+                # the trash once the new one is written, which takes its
+                # name right after (for a moment, the name holds neither).
+                trash = f"{self.trash_stamp}/{rel}"
+                def move_old():
+                    self.take_to_trash(dd, name, rel, step.have)
         attrs = step.attrs
         if step.kind == "compare":  # the attributes for a new copy
             attrs = self.for_copy(step.want, attrs)
-        return self.copy(sd, dd, name, step.want.st.st_size, trash, attrs)
+        return self.copy(sd, dd, name, step.want.st.st_size, trash, attrs, move_old)
 
-    def copy(self, sd, dd, name, size: int = 0, trash: str = "", attrs: _Attrs = _NO_ATTRS) -> _Outcome:
+    def copy(self, sd, dd, name, size: int = 0, trash: str = "", attrs: _Attrs = _NO_ATTRS,
+             move_old=None) -> _Outcome:
         """Copy NAME from sd to dd atomically (see _copy_file).  size: the
         source's size as listed, which a dry run reports; trash: where the
-        old version was kept, passed on in the outcome; attrs: the owner and
-        extended attributes the copy gets."""
+        old version was (or move_old, called once the copy is written,
+        puts it), passed on in the outcome; attrs: the owner and extended
+        attributes the copy gets."""
         try:
-            copied, stable = _copy_file(sd, dd, name, self.abort, attrs, self.keep)
+            copied, stable = _copy_file(sd, dd, name, self.abort, attrs, self.keep, move_old)
         except _Aborted:
             return _STOPPED._replace(trash=trash)
         except _Vanished:
@@ -2108,6 +2458,9 @@ class _DryRun(_Changes):
     def rename(self, dd, old, new):
         pass
 
+    def recase(self, dd, old, new):
+        pass
+
     def make_link(self, dd, name, want, attrs):
         pass
 
@@ -2133,7 +2486,7 @@ class _DryRun(_Changes):
     def remove_trash_folder(self, remove_tree, name):
         return True
 
-    def copy(self, sd, dd, name, size=0, trash="", attrs=_NO_ATTRS):
+    def copy(self, sd, dd, name, size=0, trash="", attrs=_NO_ATTRS, move_old=None):
         return _Outcome("planned", size, trash=trash)
 
 
@@ -2282,7 +2635,7 @@ class _Walk:
         self.do = None  # the executor, while run() runs
         self.roots = None  # the _Roots, while run() runs
         self.protected = frozenset()  # identities no folder inside the trees may have
-        self.times = Times()  # how REPLICA stores mtimes (Mirror probes it)
+        self.stores = Stores()  # what REPLICA's file system stores: times, names, ... (Mirror probes it)
         self.keep = Keep()  # the metadata mirrored (Mirror decides it)
         self.links = []  # (device, inode, folder, name) of source files with other names: link_groups()
         self.guard = None  # the _MassDeletionGuard, while run() runs, unless turned off
@@ -2290,6 +2643,10 @@ class _Walk:
         self.retry_later = True  # False once retry_copies runs: failures are then final
         now = time.time()  # names this pass's trash folder; workers inherit it
         self.trash_stamp = time.strftime("%Y-%m-%d_%H%M%S", time.localtime(now)) + f".{int(now * 1000) % 1000:03d}"
+
+    @property
+    def times(self) -> Times:
+        return self.stores.times
 
     # -- reporting
 
@@ -2300,9 +2657,12 @@ class _Walk:
     def fail(self, rel: str, what: str, err: BaseException) -> None:
         self.error(rel, f"cannot {what}: {_reason(err)}")
 
-    def error(self, rel: str, message: str) -> None:
+    def error(self, rel: str, message: str, advice: str = "") -> None:
+        """An item that could not be mirrored (advice: the Options field
+        that would leave it out knowingly)."""
         self.result.errors += 1
-        self.emit("error", rel, message)
+        self.result.counts["error"] += 1
+        self.report(Event("error", rel, message, advice))
 
     def refuse(self, rel: str, message: str, advice: str = "") -> None:
         """A safety check refused the pass ("") or one folder: nothing there
@@ -2449,7 +2809,8 @@ class _Walk:
         """A fresh walk for a worker process: its own results and callbacks,
         this pass's roots, trash folder and knowledge of REPLICA."""
         work = _Walk(self.options, report, should_stop, None, abort)
-        work.times, work.keep, work.trash_stamp, work.guard = self.times, self.keep, self.trash_stamp, self.guard
+        work.stores, work.keep = self.stores, self.keep
+        work.trash_stamp, work.guard = self.trash_stamp, self.guard
         work.use(self.roots)
         return work
 
@@ -2485,7 +2846,7 @@ class _Walk:
             self.close(frame)
             self.fail(rel, *listing.failure)
             return None
-        plan = _sort_out(listing, options, frame.parent is None, frame.dd is not None)
+        plan = _sort_out(listing, options, frame.parent is None, frame.dd is not None, self.stores)
         self.result.checked += plan.checked
         if self.progress is not None:
             self.progress(self.result.checked)
@@ -2497,6 +2858,7 @@ class _Walk:
             self.fail(_join(rel, name), what, err)
         for name, kind in plan.skipped:
             self.emit("skip", _join(rel, name), kind)
+        self.report_names(rel, plan)
         dst, keep = plan.dst, plan.keep
         if plan.doomed and self.guard is not None:
             refusal = self.guard.refusal(frame.dd, frame.parent is not None, plan.empty, dst, plan.doomed)
@@ -2507,6 +2869,7 @@ class _Walk:
         if not self.restrict(frame):  # the first change to this folder: before any other
             self.close(frame)
             return None
+        recased = self.recase(frame, plan.recased, dst)
         moved = self.sync_moves(frame, plan.moves, plan.wanted, dst)
         for name in plan.unwanted:
             if name not in dst:
@@ -2537,13 +2900,30 @@ class _Walk:
             elif step.kind in ("link", "relink"):
                 self.sync_link(frame, step)
             else:
-                child = self.sync_dir(frame, step, moved.get(step.name))
+                child = self.sync_dir(frame, step, moved.get(step.name) or recased.get(step.name),
+                                      step.name in moved)
                 if child is not None:
                     child.attrs = _Attrs(xattrs=listing.src_x.get(step.name, _NO_XATTRS),
                                          have_x=listing.dst_x.get(step.name, _NO_XATTRS) if step.have else None)
                     children.append(child)
         self.settle(frame, pending)
         return children
+
+    def report_names(self, rel: str, plan: _Plan) -> None:
+        """Report the source entries REPLICA's file system cannot hold."""
+        for name, why in plan.refused:
+            self.error(_join(rel, name), f"the replica's file system does not accept this name: {why}; "
+                                         "exclude or rename it")
+        for group in plan.clashes:
+            for name in group:
+                others = _and([_show(_join(rel, other)) for other in group if other != name])
+                self.error(_join(rel, name), f"clashes with {others}: the replica's file system does not tell "
+                                             "their names apart, so neither is mirrored; rename one (or exclude it)")
+        if not self.options.links:
+            self.result.counts["links left out"] += len(plan.unlinked)
+        else:
+            for name in plan.unlinked:
+                self.error(_join(rel, name), "the replica's file system cannot store symbolic links.", "links")
 
     def restrict(self, frame: _Frame) -> bool:
         """A replica folder whose source became more private (0755 -> 0700)
@@ -2586,6 +2966,8 @@ class _Walk:
                     attrs = _attrs(Entry(DIR, src), have, keep, wx, hx or _NO_XATTRS)
                 else:
                     attrs = _Attrs(mode=stat.S_IMODE(src.st_mode) if keep.modes else None)
+                if frame.dst_st is None and keep.umask is not None:  # made by this pass
+                    attrs = attrs._replace(mode=keep.new_mode(src))
                 self.do.finish_dir(frame.dd, src, frame.dst_mode, set_times, attrs)
             except OSError as err:
                 self.fail(frame.rel, "set directory attributes and times", err)
@@ -2632,6 +3014,24 @@ class _Walk:
             return False
         frame.writable = True
         return True
+
+    def recase(self, frame, pairs: list, dst: dict) -> dict:
+        """Give replica entries the case of their source names (see
+        _fit_names); returns {new name: old name} of those renamed, and
+        updates dst to match."""
+        done = {}
+        for old, name in pairs:
+            if not self.prepare(frame):
+                break
+            try:
+                self.do.recase(frame.dd, old, name)
+            except OSError as err:
+                self.fail(_join(frame.rel, name), f"rename {_show(old)} to match the source's case", err)
+                continue
+            done[name] = old
+            dst[name] = dst.pop(old)
+            self.emit("move", _join(frame.rel, name), _join(frame.rel, old))
+        return done
 
     def sync_moves(self, frame, moves: list, wanted: dict, dst: dict) -> dict:
         """Rename replica entries that the source renamed within this directory,
@@ -2975,7 +3375,11 @@ class _Walk:
             return
         self.emit("link" if have is None else "relink", rel, want.target)
 
-    def sync_dir(self, frame, step: _Step, moved_from: Optional[str]):
+    def sync_dir(self, frame, step: _Step, moved_from: Optional[str], renamed: bool = False):
+        """Create or enter a replica folder; return its frame (None: not
+        walked).  moved_from: its name before this pass renamed it;
+        renamed: a rename matched by signature, so its files are compared
+        by their bytes."""
         name, want, have = step.name, step.want, step.have
         rel = _join(frame.rel, name)
         if self.reached_again(rel, want) or have is not None and self.reached_again(rel, have):
@@ -2992,7 +3396,7 @@ class _Walk:
         exists, dst_name = self.do.child_replica(frame.dd, name, have, moved_from)
         child = _Frame(frame, name, rel, want.st, have.st if have else None, exists)
         child.dst_name = dst_name
-        child.verify = moved_from is not None or frame.verify
+        child.verify = renamed or frame.verify
         return child
 
     def remove(self, frame, name, have: Entry) -> bool:
@@ -3353,14 +3757,15 @@ def run_pass(source: str, replica: str, options: Options = None,
     return Mirror(source, replica, options).run_pass(report, should_stop, progress, abort)
 
 
-def _count_deletions(roots: "_Roots", options: Options, should_stop, times: Times) -> Optional[int]:
+def _count_deletions(roots: "_Roots", options: Options, should_stop, work: "_Walk") -> Optional[int]:
     """With max_delete, how many entries the pass would delete: counted by a
-    dry run first, so that a pass over the limit changes nothing at all."""
+    dry run first (knowing REPLICA as work does), so that a pass over the
+    limit changes nothing at all."""
     if options.max_delete is None or options.dry_run:
         return None
     probe = _Walk(dataclasses.replace(options, dry_run=True, max_delete=None, allow_mass_delete=True),
                   _ignore, should_stop)
-    probe.times = times
+    probe.stores = work.stores
     probe.run(roots)
     return probe.deleted
 
@@ -3479,6 +3884,8 @@ class _Mount(NamedTuple):
     device: str  # the file system, as "major:minor"
     root: str  # the folder of that file system shown here ("/" for all of it)
     point: str  # where it is shown
+    kind: str = ""  # its type ("ext4", "vfat", "fuseblk", ...)
+    source: str = ""  # what is mounted ("/dev/sdb1", "server:/export", ...)
 
 
 def _read_mounts() -> Optional[list]:
@@ -3492,8 +3899,10 @@ def _read_mounts() -> Optional[list]:
     for line in lines:
         fields = line.split(b" ")
         if len(fields) > 4:
+            after = fields[fields.index(b"-") + 1:] if b"-" in fields else []
+            kind, source = (os.fsdecode(after[0]), _unescape(after[1])) if len(after) > 1 else ("", "")
             mounts.append(_Mount(fields[2].decode("ascii", "replace"),
-                                 _unescape(fields[3]), _unescape(fields[4])))
+                                 _unescape(fields[3]), _unescape(fields[4]), kind, source))
     return mounts
 
 
@@ -3508,16 +3917,42 @@ def _under(path: str, folder: str) -> bool:
     return path == folder or path.startswith(folder.rstrip("/") + "/")
 
 
-def _place(mounts: list, path: str) -> Optional[tuple]:
-    """(file system, folder inside it) where a resolved path really lives."""
+def _mount_of(mounts: list, path: str) -> Optional[_Mount]:
+    """The mount a resolved path lives on."""
     best = None
     for mount in mounts:  # the longest mount point wins; of equal ones, the last mounted
         if _under(path, mount.point) and (best is None or len(mount.point) >= len(best.point)):
             best = mount
+    return best
+
+
+def _place(mounts: list, path: str) -> Optional[tuple]:
+    """(file system, folder inside it) where a resolved path really lives."""
+    best = _mount_of(mounts, path)
     if best is None:
         return None
     inside = best.root.rstrip("/") + path[len(best.point.rstrip("/")):]
     return best.device, inside or "/"
+
+
+def _file_system_kind(mounts: Optional[list], path: str) -> str:
+    """The type of the file system a resolved path lives on ("" : not known).
+    A FUSE file system is named by its disk's boot sector where that can
+    be read (ntfs-3g and exfat-fuse mount as "fuse" and "fuseblk")."""
+    best = _mount_of(mounts or [], path)
+    if best is None:
+        return ""
+    if best.kind in ("fuse", "fuseblk") and best.source.startswith("/"):
+        try:
+            with open(best.source, "rb") as disk:
+                boot = disk.read(90)
+        except OSError:
+            return best.kind
+        for offset, signature, name in ((3, b"NTFS    ", "ntfs"), (3, b"EXFAT   ", "exfat"),
+                                        (82, b"FAT32   ", "vfat"), (54, b"FAT1", "vfat")):
+            if boot[offset:offset + len(signature)] == signature:
+                return f"{name} ({best.kind})"
+    return best.kind
 
 
 def _reach(mounts: list, path: str) -> list:
@@ -3583,6 +4018,7 @@ class _Tree:
         self.chain = _chain(self.handle, path)
         real = _real_path(self.handle, path)
         self.place = _place(mounts, real) if mounts else None
+        self.kind = _file_system_kind(mounts, real) if mounts else ""
         self.reach = _reach(mounts, real) if mounts else []
 
     def inside(self, outer: "_Tree") -> Optional[str]:
@@ -3869,15 +4305,19 @@ class Mirror:
             roots.replica_created |= self.created and not options.dry_run
             self.created = False
             try:
-                probed = self.stores is None and roots.replica is not None and not options.dry_run
+                probed = self.stores is None and roots.replica is not None
                 if probed:
-                    self.stores = _probe_replica(roots.replica)
+                    self.stores = _probe_replica(roots.replica, roots.trees["REPLICA"].kind)
                 stores = self.stores or Stores()
-                work.times = stores.times
+                work.stores = stores
                 work.keep, work.result.unstored = Keep.decide(options, stores)
-                if probed and work.result.unstored:  # once a run
-                    work.emit("unstored", "", _and(work.result.unstored))
-                would_delete = _count_deletions(roots, options, work.should_stop, work.times)
+                if probed:  # once a run
+                    # Said where it stores less than ext4 (time limits are reported as met).
+                    if stores._replace(kind="", times=stores.times._replace(lowest=None, highest=None)) != Stores():
+                        work.emit("probe", "", stores.describe())
+                    if work.result.unstored:
+                        work.emit("unstored", "", _and(work.result.unstored))
+                would_delete = _count_deletions(roots, options, work.should_stop, work)
                 if would_delete is not None and would_delete > options.max_delete:
                     work.refuse("", f"this pass would delete {would_delete} entries, more than the "
                                     f"limit of {options.max_delete}; nothing was changed.", "max_delete")
@@ -4292,7 +4732,14 @@ def _build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--trash-keep", type=parse_days, metavar="DAYS",
                         help="with --trash, remove trash folders of passes older than DAYS")
     parser.add_argument("--modify-window", type=parse_window, metavar="SECONDS", default=0.0,
-                        help="count mtimes this close as equal (2 for FAT/exFAT, 1 for some SMB shares)")
+                        help="count mtimes this close as equal (not needed for FAT, exFAT or NTFS: "
+                             "REPLICA's time resolution is probed; an override for shares that change it)")
+    parser.add_argument("--no-perms", dest="perms", action="store_false",
+                        help="do not mirror permission bits (new replica entries get the source's "
+                             "less the umask; existing ones keep theirs)")
+    parser.add_argument("--no-links", dest="links", action="store_false",
+                        help="leave symbolic links out of the mirror (for USB sticks that cannot "
+                             "store them); replica entries of their names are left alone")
     parser.add_argument("--no-owner", dest="owner", action="store_false",
                         help="do not give replica entries the source's owner (kept by default when "
                              "run as root)")
@@ -4431,8 +4878,8 @@ class _Settings:
             trash=args.trash, trash_keep_days=args.trash_keep,
             modify_window_ns=int(args.modify_window * 1_000_000_000),
             allow_mass_delete=args.allow_mass_delete, protect={"LOG_FILE": args.log_file},
-            owner=args.owner, group=args.group, xattrs=args.xattrs, acls=args.acls,
-            hard_links=args.hard_links)
+            perms=args.perms, owner=args.owner, group=args.group, xattrs=args.xattrs, acls=args.acls,
+            hard_links=args.hard_links, links=args.links)
 
 
 # What the CLI adds to a refusal: the flag that lets the user proceed (by
@@ -4442,6 +4889,7 @@ _ADVICE = {
     "allow_mass_delete": "If that is intended, run once with --allow-mass-delete (or with "
                          "--max-delete at least the number of deletions you expect).",
     "max_delete": "If that many deletions are intended, run once with a higher --max-delete.",
+    "links": "Use --no-links to leave links out.",
 }
 
 

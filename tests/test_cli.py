@@ -221,7 +221,7 @@ def test_help_and_version_return_from_main(capsys):
 
 HELP = """
 usage: sync.py [-h] [--once] [-n] [-c] [--exclude PATTERN] [--exclude-from FILE] [--delete-excluded]
-[--trash DIR] [--trash-keep DAYS] [--modify-window SECONDS] [--no-owner] [--no-group] [--no-xattrs]
+[--trash DIR] [--trash-keep DAYS] [--modify-window SECONDS] [--no-perms] [--no-links] [--no-owner] [--no-group] [--no-xattrs]
 [--no-acls] [--no-hard-links] [-i] [--allow-empty-source] [--max-delete N]
 [--allow-mass-delete] [--workers N] [-q] [-v] [--version] SOURCE REPLICA INTERVAL LOG_FILE
 Keep REPLICA an exact one-way mirror of SOURCE, re-syncing every INTERVAL seconds and logging every
@@ -243,7 +243,11 @@ options:
 --trash DIR instead of destroying what a pass deletes or overwrites, move it to DIR/<pass time>/<path>
 (DIR on REPLICA's file system)
 --trash-keep DAYS with --trash, remove trash folders of passes older than DAYS
---modify-window SECONDS count mtimes this close as equal (2 for FAT/exFAT, 1 for some SMB shares)
+--modify-window SECONDS count mtimes this close as equal (not needed for FAT, exFAT or NTFS:
+REPLICA's time resolution is probed; an override for shares that change it)
+--no-perms do not mirror permission bits (new replica entries get the source's less the umask; existing ones keep theirs)
+--no-links leave symbolic links out of the mirror (for USB sticks that cannot store them); replica
+entries of their names are left alone
 --no-owner do not give replica entries the source's owner (kept by default when run as root)
 --no-group do not give replica entries the source's group (kept by default where allowed: any as
 root, a user's own groups otherwise)

@@ -371,3 +371,23 @@ def test_ntfs_that_takes_acls_and_trusted_attributes_without_keeping_them_is_fou
         "trusted.* attributes: they are not mirrored"]
     assert os.getxattr(dst / "f", "user.kept") == b"1"
     assert second == [], "it settles: nothing it cannot store is set again on the next pass"
+
+
+def test_no_perms_gives_new_entries_modes_as_the_umask_allows_and_never_sets_them(ext4, cli, log):
+    src, dst = ext4 / "src", ext4 / "dst"
+    make_tree(src, {"prog": "#!/bin/sh\n", "d": {"secret": "s"}})
+    os.chmod(src / "prog", 0o751)
+    os.chmod(src / "d" / "secret", 0o666)
+    os.chmod(src / "d", 0o777)
+    old_umask = os.umask(0o022)  # the child's
+    try:
+        assert cli(src, dst, 1, log, "--once", "--no-perms").returncode == 0
+    finally:
+        os.umask(old_umask)
+    # New entries get the source's bits less the umask (022 here), as with rsync --no-perms.
+    assert [stat.S_IMODE(os.lstat(dst / p).st_mode) for p in ("prog", "d", "d/secret")] == [0o751, 0o755, 0o644]
+    os.chmod(src / "prog", 0o700)
+    proc = cli(src, dst, 1, log, "--once", "--no-perms", "-i")
+    assert proc.returncode == 0 and proc.stdout == "", "a mode change alone is not mirrored"
+    assert cli(src, dst, 1, log, "--once").returncode == 0
+    assert sorted(oracle(src, dst, "-rlptc")) == []

@@ -179,3 +179,78 @@ def test_permission_bits_are_neither_compared_nor_set_where_the_replica_does_not
     assert kinds(_steps(wanted, dst, set(), False, 0, Times(), Keep(modes=False))) == [("enter", "d")]
     (step,) = _steps({"new": f()}, {}, set(), False, 0, Times(), Keep(modes=False))
     assert step.kind == "copy" and step.attrs.mode is None
+
+
+# -- names a replica's file system treats its own way (probed: see test_foreign)
+
+EXFAT = sync.Names(fold="unicode", refuses='"*:<>?\\|' + "".join(map(chr, range(1, 32))), utf8=True)
+FAT = EXFAT._replace(strips=".", refuses_trailing=" ")
+WINDOWS = sync.Names(refuses=EXFAT.refuses, refuses_trailing=". ", reserved=True, utf8=True)
+
+
+def test_names_fold_as_the_file_system_compares_them():
+    assert EXFAT.key("Readme.TXT") == EXFAT.key("README.txt")
+    assert EXFAT.key("\u00e9t\u00e9") == EXFAT.key("\u00c9T\u00c9"), "accented letters fold too"
+    assert EXFAT.key("stra\u00dfe") != EXFAT.key("STRASSE"), "simple folding: one letter stays one"
+    assert sync.Names(fold="ascii").key("\u00e9") != sync.Names(fold="ascii").key("\u00c9")
+    assert sync.Names().key("README") != sync.Names().key("readme")
+
+
+def test_names_a_file_system_refuses_are_told_apart_with_the_reason():
+    assert EXFAT.problem("video:1.mp4") == "it contains ':'"
+    assert EXFAT.problem("a?b*c") == "it contains '*' and '?'"
+    assert FAT.problem("notes.") == "it ends with '.', which would be dropped (stored as 'notes')"
+    assert FAT.problem("draft ") == "it ends with ' '"
+    assert WINDOWS.problem("nul.txt") == WINDOWS.problem("CON") == "it is a reserved device name on Windows"
+    assert WINDOWS.problem("console.txt") == ""
+    assert EXFAT.problem("caf\udce9") == "it is not valid UTF-8"  # a Latin-1 name from an old archive
+    assert sync.Names().problem("any:name. ") == ""
+
+
+def test_names_that_would_land_on_one_entry_clash_and_their_replica_entry_is_left_alone():
+    src = {"README": f(2), "readme": f(3), "video:1.mp4": f(), "notes.": f(), "ok": f()}
+    dst = {"Readme": f(2), "notes": f()}
+    plan = _sort_out(listing(src, dst), Options(), False, True, sync.Stores(names=FAT))
+    assert plan.clashes == [["README", "readme"]]
+    assert [name for name, _ in plan.refused] == ["notes.", "video:1.mp4"]
+    assert set(plan.wanted) == {"ok"}
+    assert "Readme" in plan.keep and "Readme" not in plan.unwanted, "what one of them overwrote stays"
+    assert plan.unwanted == ["notes"], "a replica entry the source does not have still goes"
+
+
+def test_a_replica_entry_that_differs_in_case_only_is_renamed_not_copied_again():
+    src = {"Photos": d(), "notes.txt": f(), "Docs": d()}
+    dst = {"photos": d(), "NOTES.TXT": f(), "docs": f()}
+    plan = _sort_out(listing(src, dst), Options(), False, True, sync.Stores(names=EXFAT))
+    assert plan.recased == [("NOTES.TXT", "notes.txt"), ("photos", "Photos")]
+    assert plan.unwanted == ["docs"], "a file where a folder is wanted is replaced, not renamed"
+    assert plan.moves == [] and plan.doomed == ["docs"]
+    case_sensitive = _sort_out(listing(src, dst), Options(), False, True)
+    assert case_sensitive.recased == [] and case_sensitive.unwanted == ["NOTES.TXT", "docs", "photos"]
+
+
+def test_a_name_that_would_overwrite_an_excluded_replica_entry_is_refused():
+    src = {"readme": f()}
+    dst = {"README": f()}
+    plan = _sort_out(listing(src, dst), Options(excludes=sync.Excludes(["README"])), False, True,
+                     sync.Stores(names=EXFAT))
+    assert plan.refused == [("readme", "it would be stored over the excluded replica entry 'README'")]
+    assert plan.wanted == {} and plan.unwanted == []
+
+
+def test_links_are_left_out_on_request_or_where_the_replica_cannot_store_them():
+    src = {"l": link("t"), "f": f()}
+    dst = {"l": f()}
+    for options, stores in ((Options(links=False), sync.Stores()), (Options(), sync.Stores(links=False))):
+        plan = _sort_out(listing(src, dst), options, False, True, stores)
+        assert plan.unlinked == ["l"] and set(plan.wanted) == {"f"}
+        assert "l" in plan.keep and plan.unwanted == [], "the replica entry of its name stays"
+
+
+def test_renames_are_recognised_on_a_replica_that_keeps_coarse_times_and_no_modes():
+    exfat = sync.Stores(times=Times(1_000_000_000), modes=False)
+    fitted = exfat.times.fit(T)
+    gone = {"old": f(5, fitted, 0o100777), "olddir": d(fitted, 0o40777)}
+    new = {"new": f(5), "newdir": d()}
+    assert sync._match_moves(gone, new, exfat) == [("old", "new"), ("olddir", "newdir")]
+    assert sync._match_moves(gone, new) == [], "as ext4 stores them, these times and modes differ"
