@@ -88,6 +88,7 @@ import argparse
 import contextlib
 import dataclasses
 import errno
+import functools
 import logging
 import logging.handlers
 import math
@@ -555,6 +556,11 @@ _RESERVED_NAMES = frozenset(["CON", "PRN", "AUX", "NUL", *(f"COM{i}" for i in ra
 _ASCII_UPPER = str.maketrans("abcdefghijklmnopqrstuvwxyz", "ABCDEFGHIJKLMNOPQRSTUVWXYZ")
 
 
+@functools.lru_cache(maxsize=None)
+def _any_of(chars: str) -> "re.Pattern":
+    return re.compile(f"[{re.escape(chars)}]")
+
+
 class Names(NamedTuple):
     """How a file system treats names, as _probe_names found it.  The
     default, Names(), is a POSIX file system: any name but "/" and NUL,
@@ -588,10 +594,8 @@ class Names(NamedTuple):
                 name.encode("utf-8")
             except UnicodeEncodeError:
                 return "it is not valid UTF-8"
-        if self.refuses:
-            bad = sorted({c for c in name if c in self.refuses})
-            if bad:
-                return f"it contains {_and([repr(c) for c in bad])}"
+        if self.refuses and _any_of(self.refuses).search(name):
+            return f"it contains {_and([repr(c) for c in sorted(set(name) & set(self.refuses))])}"
         end = name[-1:]
         if end and end in self.refuses_trailing:
             return f"it ends with {end!r}"
@@ -636,16 +640,11 @@ class Stores(NamedTuple):
     def describe(self) -> str:
         """What was found, in a few words: "exfat (fuseblk), times 10 ms,
         no permission bits, no links, case-insensitive, ..."."""
-        times = self.times
-        step = times.step
-        parts = [self.kind or "type unknown"]
-        if step == 1:
-            parts.append("times 1 ns")
-        else:
-            value, unit = next((step // size, unit) for size, unit in
-                               ((1_000_000_000, "s"), (1_000_000, "ms"), (1_000, "us"), (1, "ns"))
-                               if step % size == 0)
-            parts.append(f"times {value} {unit}" + (f" (rounded {times.rounding})" if times.rounding != "down" else ""))
+        step, rounding = self.times.step, self.times.rounding
+        value, unit = next((step // size, unit) for size, unit in
+                           ((1_000_000_000, "s"), (1_000_000, "ms"), (1_000, "us"), (1, "ns")) if step % size == 0)
+        parts = [self.kind or "type unknown",
+                 f"times {value} {unit}" + (f" (rounded {rounding})" if rounding != "down" else "")]
         parts += [f"no {what}" for what, stored in (
             ("permission bits", self.modes), ("owners", self.owners), ("extended attributes", self.xattrs),
             ("ACLs", self.acls), ("hard links", self.hard_links), ("links", self.links)) if not stored]
@@ -1925,32 +1924,34 @@ def _fit_names(wanted: dict, dst: dict, all_dst: dict, names: Names) -> tuple:
     dst: the replica entries the pass may change; all_dst: with those
     excludes protect.  Returns (wanted, refused, clashes, recased, replica
     names to leave alone)."""
-    refused, by_key = [], {}
-    dst_keys = {names.key(name): name for name in all_dst}  # one per key on such a file system
+    key, problem = names.key, names.problem
+    dst_keys = {key(name): name for name in all_dst}  # one per key on such a file system
+    refused, by_key, keys = [], {}, {}
     for name in wanted:
-        why = names.problem(name)
-        if not why and name not in dst:
-            other = dst_keys.get(names.key(name))
-            if other is not None and other not in dst:
+        why = problem(name)
+        if not why:
+            keys[name] = k = key(name)
+            if name not in dst and (other := dst_keys.get(k)) is not None and other not in dst:
                 why = f"it would be stored over the excluded replica entry {other!r}"
         if why:
             refused.append((name, why))
         else:
-            by_key.setdefault(names.key(name), []).append(name)
+            by_key.setdefault(k, []).append(name)
     refused.sort()
     clashes = sorted(sorted(group) for group in by_key.values() if len(group) > 1)
-    left_out = {name for name, _ in refused}.union(*clashes)
-    if left_out:
+    untouchable = set()
+    if refused or clashes:
+        left_out = {name for name, _ in refused}.union(*clashes)
         wanted = {name: entry for name, entry in wanted.items() if name not in left_out}
-    clashing = {names.key(group[0]) for group in clashes}
-    untouchable = {name for name in dst if names.key(name) in clashing}
+        clashing = {keys[group[0]] for group in clashes}
+        untouchable = {name for name in dst if key(name) in clashing}
     recased = []
     if names.fold:
-        for name in wanted:
+        for name, entry in wanted.items():
             if name not in dst:
-                old = dst_keys.get(names.key(name))
+                old = dst_keys.get(keys[name])
                 if old is not None and old in dst and old not in wanted and old not in untouchable \
-                        and dst[old].kind == wanted[name].kind:
+                        and dst[old].kind == entry.kind:
                     recased.append((old, name))
         recased.sort()
     return wanted, refused, clashes, recased, untouchable
@@ -2092,6 +2093,9 @@ def _steps(wanted: dict, dst: dict, keep: set, checksum: bool, window: int, time
     fit = None if times.exact else times.fit
     none = _NO_XATTRS
     any_x = bool(src_x or dst_x)
+    # Whether modes, owners or groups are compared at all (not on exFAT,
+    # which shows the same made-up ones for every file).
+    ids = meta.modes or meta.owner_asked or meta.group_asked
     for name in sorted(wanted):
         want, have = wanted[name], dst.get(name)
         if name in keep:
@@ -2112,7 +2116,7 @@ def _steps(wanted: dict, dst: dict, keep: set, checksum: bool, window: int, time
                 steps.append(_Step("update", name, want, have, _attrs(want, None, meta, src_x.get(name, none))))
                 continue
             attrs = _NO_ATTRS
-            if (ws.st_mode != hs.st_mode or ws.st_uid != hs.st_uid or ws.st_gid != hs.st_gid
+            if (ids and (ws.st_mode != hs.st_mode or ws.st_uid != hs.st_uid or ws.st_gid != hs.st_gid)
                     or any_x and (name in src_x or name in dst_x)):
                 attrs = _attrs(want, hs, meta, src_x.get(name, none), dst_x.get(name, none))
             if checksum:
