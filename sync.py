@@ -1878,8 +1878,9 @@ def _sort_out(listing: _Listing, options: Options, is_root: bool, replica_exists
             skipped.append((name, _special_kind(entry.st.st_mode)))
             continue
         if entry.kind == LINK and not (options.links and stores.links):
-            unlinked.append(name)  # a replica entry of its name stays as it is
-            keep.add(name)
+            unlinked.append(name)
+            if not (options.delete_excluded and not options.links):
+                keep.add(name)  # a replica entry of its name stays, as an excluded one does
             continue
         wanted[name] = entry
     refused, clashes, recased = [], [], []

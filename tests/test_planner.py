@@ -245,6 +245,8 @@ def test_links_are_left_out_on_request_or_where_the_replica_cannot_store_them():
         plan = _sort_out(listing(src, dst), options, False, True, stores)
         assert plan.unlinked == ["l"] and set(plan.wanted) == {"f"}
         assert "l" in plan.keep and plan.unwanted == [], "the replica entry of its name stays"
+    plan = _sort_out(listing(src, dst), Options(links=False, delete_excluded=True), False, True)
+    assert plan.unlinked == ["l"] and plan.unwanted == ["l"], "as an excluded one goes with delete_excluded"
 
 
 def test_renames_are_recognised_on_a_replica_that_keeps_coarse_times_and_no_modes():
