@@ -1189,12 +1189,14 @@ def _probe_names(pd) -> Names:
     """Learn how the file system of the empty folder pd treats names: make
     files under names that tell case-insensitive, refusing and trimming
     file systems apart, and see what it keeps."""
+    def make(name: str) -> None:
+        path, fd = _at(pd, name)
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_NOFOLLOW | _O_CLOEXEC, 0o600, dir_fd=fd))
+
     def kept(name: str) -> Optional[str]:
         """The name the file system lists for a file created as name (None: refused)."""
-        path, fd = _at(pd, name)
         try:
-            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_NOFOLLOW | _O_CLOEXEC, 0o600,
-                             dir_fd=fd))
+            make(name)
         except OSError as err:
             if err.errno in (errno.EEXIST, errno.EACCES, errno.EROFS, errno.ENOSPC, errno.EDQUOT) \
                     or os.stat(pd).st_nlink == 0:  # (removed under the probe: raises where by path)
@@ -1207,9 +1209,9 @@ def _probe_names(pd) -> Names:
         return listed[0] if len(listed) == 1 else name
 
     def same(name: str, other: str) -> bool:
+        """Whether a file created as name is found as other."""
+        make(name)
         path, fd = _at(pd, name)
-        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_NOFOLLOW | _O_CLOEXEC, 0o600,
-                         dir_fd=fd))
         try:
             other_path, other_fd = _at(pd, other)
             return os.path.exists(other_path) if other_fd is None else _exists_at(other_fd, other)
@@ -1584,15 +1586,19 @@ def _copy_file(sd, dd, name, abort=None, attrs=None, keep=None, before_replace=N
 _NAME_ERRORS = (errno.EINVAL, errno.EILSEQ, errno.ENAMETOOLONG)
 
 
+def _about_name(err: OSError) -> OSError:
+    """err, or where it is a refused name, an error that says so."""
+    if err.errno in _NAME_ERRORS:
+        return OSError(err.errno, "the replica's file system does not accept this name")
+    return err
+
+
 def _put_in_place(path, final_path, dir_fd, final_fd) -> None:
-    """os.replace a finished temporary file (or link) over its final name;
-    a name the file system refuses is said to be one."""
+    """os.replace a finished temporary file (or link) over its final name."""
     try:
         os.replace(path, final_path, src_dir_fd=dir_fd, dst_dir_fd=final_fd)
     except OSError as err:
-        if err.errno in _NAME_ERRORS:
-            raise OSError(err.errno, "the replica's file system does not accept this name") from None
-        raise
+        raise _about_name(err) from None
 
 
 def _discard_temp(path, dir_fd) -> None:
@@ -2202,9 +2208,7 @@ class _Changes:
         try:
             os.mkdir(path, 0o700, dir_fd=fd)
         except OSError as err:
-            if err.errno in _NAME_ERRORS:
-                raise OSError(err.errno, "the replica's file system does not accept this name") from None
-            raise
+            raise _about_name(err) from None
 
     def child_replica(self, dd, name, have: Optional[Entry], moved_from: Optional[str]) -> tuple:
         """(whether the replica folder of subfolder NAME exists now, the name to open it by)."""
@@ -2364,7 +2368,7 @@ class _Changes:
                 return _STOPPED
             except OSError as err:
                 return _Outcome("failed", what="compare contents", error=err)
-        trash, move_old = "", None
+        trash, moved, move_old = "", [], None
         if self.trash is not None and step.have is not None:
             try:
                 trash = self.keep_in_trash(dd, name, rel)
@@ -2374,13 +2378,13 @@ class _Changes:
                 # No hard links here (FAT, exFAT): the old version moves to
                 # the trash once the new one is written, which takes its
                 # name right after (for a moment, the name holds neither).
-                trash = f"{self.trash_stamp}/{rel}"
                 def move_old():
-                    self.take_to_trash(dd, name, rel, step.have)
+                    moved.append(self.take_to_trash(dd, name, rel, step.have))
         attrs = step.attrs
         if step.kind == "compare":  # the attributes for a new copy
             attrs = self.for_copy(step.want, attrs)
-        return self.copy(sd, dd, name, step.want.st.st_size, trash, attrs, move_old)
+        outcome = self.copy(sd, dd, name, step.want.st.st_size, trash, attrs, move_old)
+        return outcome._replace(trash=moved[0]) if moved else outcome
 
     def copy(self, sd, dd, name, size: int = 0, trash: str = "", attrs: _Attrs = _NO_ATTRS,
              move_old=None) -> _Outcome:

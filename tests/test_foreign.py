@@ -319,3 +319,23 @@ def test_a_stick_as_source_mirrors_to_a_linux_disk_and_settles(tmp_path, stick, 
 def sync_cli(src, dst, log):
     return subprocess.run([sys.executable, SYNC_PY, str(src), str(dst), "1", str(log), "--once"],
                           capture_output=True, text=True, timeout=120)
+
+
+def test_without_hard_links_a_copy_that_fails_leaves_the_old_version_in_place(tmp_path, stick, monkeypatch):
+    disk = stick("exfat")
+    src, dst, trash = tmp_path / "src", disk / "replica", disk / "trash"
+    make_tree(src, {"a.txt": "version 1\n"})
+    mirror = sync.Mirror(src, dst, sync.Options(trash=str(trash)))
+    mirror.check(create=True)
+    assert mirror.run_pass().exact
+    (src / "a.txt").write_text("version 2, longer\n")
+
+    def unreadable(d, name):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(sync, "_open_source_file", unreadable)
+    events = []
+    assert mirror.run_pass(events.append).errors == 1
+    assert [e.action for e in events] == ["error"], "no old version is said to be kept"
+    assert (dst / "a.txt").read_text() == "version 1\n"
+    assert [files for _, _, files in os.walk(trash) if files] == []
