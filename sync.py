@@ -428,7 +428,7 @@ class Options:
     workers: int = 1
     excludes: Optional["Excludes"] = None  # paths left out of the mirror on both sides
     delete_excluded: bool = False  # remove excluded paths from REPLICA after all
-    modify_window_ns: int = 0  # mtimes this close count as equal (FAT, SMB)
+    modify_window_ns: int = 0  # mtimes this close count as equal (an override: REPLICA's step is probed)
     trash: Optional[str] = None  # move what a pass deletes or overwrites here, not destroy it
     trash_keep_days: Optional[float] = None  # prune trash folders of older passes
     # Let one folder's deletions remove more than half of REPLICA (refused by
