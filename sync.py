@@ -426,7 +426,7 @@ class Options:
     # library's default is 1 (all in the caller: a threaded program must not
     # fork); the CLI's is the number of CPUs (DEFAULT_WORKERS).
     workers: int = 1
-    excludes: Optional["Excludes"] = None  # paths left out of the mirror on both sides
+    excludes: Optional["Filters"] = None  # include and exclude rules: paths left out on both sides
     delete_excluded: bool = False  # remove excluded paths from REPLICA after all
     modify_window_ns: int = 0  # mtimes this close count as equal (an override: REPLICA's step is probed)
     trash: Optional[str] = None  # move what a pass deletes or overwrites here, not destroy it
@@ -751,57 +751,201 @@ def _ignore(event: Event) -> None:
 # ------------------------------------------------------------------ filters --
 
 
-class Excludes:
-    """Glob patterns for paths left out of the mirror.
+class Filters:
+    """Include and exclude rules, matched as rsync matches them.
 
-    A pattern is matched, case-sensitively, against the entry's path relative
-    to the mirror root when it contains a "/" (a leading "/" is optional),
-    and against the entry's name at any depth when it does not.  A trailing
-    "/" limits it to directories.  "*" and "?" match within one path
-    component, "**" across components, [abc] and [!abc] one character of a
-    set.  An excluded directory is not looked into.
+    rules: (include, pattern) pairs in order; the first rule that matches
+    an entry decides, and an entry no rule matches is included.  An
+    excluded folder is not looked into, so nothing below it is included.
+    A pattern is matched against the entry's path relative to the mirror
+    root (see _rule_regex): anchored there by a leading "/", otherwise
+    against its last components (as many as the pattern has; one that
+    starts with "**", anywhere); a trailing "/" limits it to folders and a
+    trailing "/***" means a folder and all it holds.  "*" and "?" match
+    within one component, "**" across them, [...] one character of a set (ranges, [!...] and
+    [^...], POSIX classes such as [[:digit:]], never "/"), and a backslash
+    escapes the next character when the pattern has any of "*?[".
     """
 
-    def __init__(self, patterns):
-        self.patterns = [p for p in patterns if p.strip("/")]
-        names, paths, dir_names, dir_paths = [], [], [], []
-        for pattern in self.patterns:
-            dir_only = pattern.endswith("/")
-            body = pattern.strip("/") if pattern.startswith("/") else pattern.rstrip("/")
-            anchored = pattern.startswith("/") or "/" in body
-            regex = _glob_regex(body)
-            if anchored:
-                (dir_paths if dir_only else paths).append(regex)
-            else:
-                (dir_names if dir_only else names).append(regex)
-        self._names, self._paths = _union(names), _union(paths)
-        self._dir_names, self._dir_paths = _union(dir_names), _union(dir_paths)
+    def __init__(self, rules):
+        self.rules = [(include, pattern) for include, pattern in rules if pattern.strip("/")]
+        self._any_include = any(include for include, _ in self.rules)
+        # Two regexes, each the rules' alternatives in order (the first
+        # that matches is the one Python's re reports, as lastindex): rules
+        # that look at the name alone, and rules that look at the path.
+        # Where there are only excludes, order does not matter, and the
+        # commonest ones, a name ("Thumbs.db") or an ending ("*.tmp"), are
+        # told by a set and str.endswith, ten times faster than a regex.
+        names, paths = ([], []), ([], [])
+        # (names, endings) of files and folders, and of folders only
+        self._plain = (set(), []), (set(), [])
+        for index, (_, pattern) in enumerate(self.rules):
+            plain = None if self._any_include else _plain_name(pattern)
+            if plain is not None:
+                literal, ending, dir_only = plain
+                found = self._plain[dir_only]
+                found[0].add(literal) if ending is None else found[1].append(ending)
+                continue
+            regex, by_name = _rule_regex(pattern)
+            indexes, regexes = names if by_name else paths
+            indexes.append(index)
+            regexes.append(f"({regex})")
+        self._plain = tuple((literals, tuple(endings)) for literals, endings in self._plain)
+        self._name_rules, self._names = names[0], _alternatives(names[1])
+        self._path_rules, self._paths = paths[0], _alternatives(paths[1])
 
     def __bool__(self):
-        return bool(self.patterns)
+        return bool(self.rules)
+
+    def excluded(self, rel: str, entries: dict) -> set:
+        """The names of entries (a folder's listing, at rel) that are excluded."""
+        prefix = "/" + rel + "/" if rel else "/"
+        if self._any_include:  # the first rule that matches decides: one by one
+            match = self.match
+            return {name for name, entry in entries.items() if match(prefix[1:] + name, name, entry.kind == DIR)}
+        # Only excludes: any rule that matches will do; the cheap tests first.
+        (literals, endings), (dir_literals, dir_endings) = self._plain
+        names, paths = self._names, self._paths
+        out = set()
+        for name, entry in entries.items():
+            is_dir = entry.kind == DIR
+            if name in literals or name.endswith(endings) or is_dir and (
+                    name in dir_literals or name.endswith(dir_endings)):
+                out.add(name)
+            elif names is not None or paths is not None:
+                key = name + "\0" if is_dir else name
+                if names is not None and names.fullmatch(key) or paths is not None and paths.fullmatch(prefix + key):
+                    out.add(name)
+        return out
 
     def match(self, rel: str, name: str, is_dir: bool) -> bool:
-        if self._names and self._names.fullmatch(name) or self._paths and self._paths.fullmatch(rel):
-            return True
-        return is_dir and bool(self._dir_names and self._dir_names.fullmatch(name)
-                               or self._dir_paths and self._dir_paths.fullmatch(rel))
+        """Whether the entry at rel (named name; a folder if is_dir) is excluded."""
+        # (Inline and short: it runs for every entry of every pass.)
+        (literals, endings), (dir_literals, dir_endings) = self._plain
+        if name in literals or name.endswith(endings) or is_dir and (
+                name in dir_literals or name.endswith(dir_endings)):
+            return True  # (only ever filled without includes)
+        if is_dir:
+            name += "\0"
+            rel += "\0"
+        first = None
+        if self._names is not None and (found := self._names.fullmatch(name)) is not None:
+            if not self._any_include:
+                return True
+            first = self._name_rules[found.lastindex - 1]
+        if self._paths is not None and (found := self._paths.fullmatch("/" + rel)) is not None:
+            index = self._path_rules[found.lastindex - 1]
+            first = index if first is None or index < first else first
+        return first is not None and not self.rules[first][0]
 
 
-def _glob_regex(glob: str) -> str:
+class Excludes(Filters):
+    """Exclude patterns, each read as --exclude reads it (see parse_rules)."""
+
+    def __init__(self, patterns):
+        super().__init__(parse_rules([("-", pattern) for pattern in patterns]))
+
+
+def _plain_name(pattern: str) -> Optional[tuple]:
+    """(name, None, folders only) for a pattern that is a plain name,
+    (None, ending, folders only) for "*" and a plain ending; else None."""
+    dir_only = pattern.endswith("/") and not pattern.endswith("/***")
+    body = pattern[:-1] if dir_only else pattern
+    if not body or body.startswith("/") or "/" in body or "\\" in body:
+        return None
+    if not any(c in body for c in "*?["):
+        return body, None, dir_only
+    if body[0] == "*" and not any(c in body[1:] for c in "*?[") and len(body) > 1:
+        return None, body[1:], dir_only
+    return None
+
+
+def _alternatives(regexes: list):
+    return re.compile("|".join(regexes), re.DOTALL) if regexes else None
+
+
+def parse_rules(given: list) -> list:
+    """(include, pattern) rules from (option, text) pairs in the order given:
+    option "-" for --exclude, "+" for --include.  As rsync reads them, a
+    text starting "- " or "+ " says its own kind and "!" clears the rules
+    before it; rsync's other filter syntax (modifiers after "-," or "+,")
+    is refused with UsageError, never taken literally."""
+    rules = []
+    for option, text in given:
+        if text == "!":
+            rules.clear()
+            continue
+        if text.startswith(("- ", "+ ")):
+            option, text = text[0], text[2:]
+        elif text.startswith(("-,", "+,", "!")):
+            raise UsageError(f"filter rule {text!r}: rsync's rule modifiers and list clearing with "
+                             "more than '!' are not supported")
+        rules.append((option == "+", text))
+    return rules
+
+
+def read_rules_file(path: str, option: str) -> list:
+    """(option, text) pairs from a file of patterns (option: "-" for
+    --exclude-from, "+" for --include-from): one a line; blank lines and
+    lines starting with "#" or ";" are left out, as rsync does."""
+    with open(path, encoding="utf-8", errors="surrogateescape") as f:
+        lines = [line.rstrip("\r\n") for line in f]
+    return [(option, line) for line in lines if line.strip() and not line.startswith(("#", ";"))]
+
+
+def _rule_regex(pattern: str) -> tuple[str, bool]:
+    """A regex for rsync's pattern, and whether it is matched against the
+    entry's name (True) or "/" and its path relative to the root (False),
+    with a NUL appended for a folder (no wildcard matches it)."""
+    dir_only = pattern.endswith("/")
+    body = pattern.rstrip("/")
+    anchored = body.startswith("/")
+    body = body.lstrip("/") if anchored else body
+    all_below = body.endswith("/***")
+    if all_below:
+        body = body[:-4]
+    regex = _wild_regex(body) if any(c in body for c in "*?[") else re.escape(body)
+    suffix = "(?:\0|/.*)" if all_below else "\0" if dir_only else "\0?"
+    if not (anchored or all_below or "/" in body or "**" in body):
+        return regex + suffix, True  # one component: the name
+    # Anchored at the root; otherwise at any component ("**" first: anywhere).
+    prefix = "/" if anchored else "" if body.startswith("**") else ".*/"
+    return prefix + regex + suffix, False
+
+
+# rsync's character classes, in the C locale it matches them in.
+_POSIX_CLASSES = {
+    "alnum": "0-9A-Za-z", "alpha": "A-Za-z", "blank": " \t", "cntrl": "\x00-\x1f\x7f",
+    "digit": "0-9", "graph": "\x21-\x7e", "lower": "a-z", "print": "\x20-\x7e",
+    "punct": re.escape("!\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~"), "space": " \t\n\r\x0b\x0c",
+    "upper": "A-Z", "xdigit": "0-9A-Fa-f",
+}
+_NEVER = "(?!)"
+
+
+def _wild_regex(glob: str) -> str:
+    """The regex of a pattern with wildcards, as rsync's wildmatch reads it
+    (a bracket expression that is not closed makes it match nothing)."""
     out, i = [], 0
     while i < len(glob):
+        c = glob[i]
         if glob.startswith("**", i):
-            out.append(".*")
+            out.append("[^\0]*")
             i += 2
             continue
-        c = glob[i]
         if c == "*":
-            out.append("[^/]*")
+            out.append("[^/\0]*")
         elif c == "?":
-            out.append("[^/]")
-        elif c == "[" and (found := _glob_class(glob, i)) is not None:
+            out.append("[^/\0]")
+        elif c == "[":
+            found = _glob_class(glob, i)
+            if found is None:
+                return _NEVER
             regex, i = found
             out.append(regex)
+        elif c == "\\" and i + 1 < len(glob):
+            i += 1
+            out.append(re.escape(glob[i]))
         else:
             out.append(re.escape(c))
         i += 1
@@ -810,39 +954,50 @@ def _glob_regex(glob: str) -> str:
 
 def _glob_class(glob: str, start: int):
     """The regex of the bracket expression that opens at glob[start], and the
-    index of its closing "]"; None when it is not closed (the "[" is then a
-    plain character).  A "]" first in the set is a member, "!" or "^" first
-    negates, and a reversed range (z-a) matches nothing, as in fnmatch."""
-    first = start + 1
-    negate = glob[first:first + 1] in ("!", "^")
-    first += negate
-    end = glob.find("]", first + 1 if glob[first:first + 1] == "]" else first)
-    if end < 0:
-        return None
-    members, parts, j = glob[first:end], [], 0
-    while j < len(members):
-        if members[j + 1:j + 2] == "-" and j + 2 < len(members):
-            low, high = members[j], members[j + 2]
-            if low <= high:
-                parts.append(f"{re.escape(low)}-{re.escape(high)}")
-            j += 3
-        else:
-            parts.append(re.escape(members[j]))
+    index of its closing "]"; None when it is not closed.  A "]" first in
+    the set is a member, "!" or "^" first negates, a backslash escapes,
+    [:name:] is a POSIX class, and a reversed range (z-a) matches nothing."""
+    j = start + 1
+    negate = glob[j:j + 1] in ("!", "^")
+    j += negate
+    members = []  # (low, high) characters, or a POSIX class's regex
+    first = True
+    while j < len(glob):
+        c = glob[j]
+        if c == "]" and not first:
+            break
+        first = False
+        if c == "[" and glob[j + 1:j + 2] == ":":
+            end = glob.find(":]", j + 2)
+            if end < 0:
+                return None
+            name = glob[j + 2:end]
+            if name not in _POSIX_CLASSES:
+                return None  # rsync then matches nothing
+            members.append(_POSIX_CLASSES[name])
+            j = end + 2
+            continue
+        if c == "\\" and j + 1 < len(glob):
             j += 1
-    body = "".join(parts)
+            c = glob[j]
+        low = c
+        if glob[j + 1:j + 2] == "-" and j + 2 < len(glob) and glob[j + 2] != "]":
+            j += 2
+            high = glob[j]
+            if high == "\\" and j + 1 < len(glob):
+                j += 1
+                high = glob[j]
+            if low <= high:
+                members.append(f"{re.escape(low)}-{re.escape(high)}")
+        else:
+            members.append(re.escape(low))
+        j += 1
+    else:
+        return None
+    body = "".join(members)
     if negate:
-        return f"[^/{body}]", end  # never across a "/"
-    return (f"[{body}]" if body else "(?!)"), end
-
-
-def _union(regexes: list):
-    return re.compile("|".join(f"(?:{r})" for r in regexes), re.DOTALL) if regexes else None
-
-
-def read_exclude_file(path: str) -> list:
-    """Patterns from a file: one a line; blank lines and lines starting with # are ignored."""
-    with open(path, encoding="utf-8", errors="surrogateescape") as f:
-        return [line.rstrip("\r\n") for line in f if line.strip() and not line.startswith("#")]
+        return f"[^/\0{body}]", j  # never across a "/"
+    return (f"(?![/\0])[{body}]" if body else _NEVER), j
 
 
 # ------------------------------------- descriptor primitives: listing, comparing --
@@ -1859,15 +2014,16 @@ def _sort_out(listing: _Listing, options: Options, is_root: bool, replica_exists
     patterns = options.excludes
     if patterns:
         rel = listing.rel
-        excluded = {n for n, e in src.items() if patterns.match(_join(rel, n), n, e.kind == DIR)}
-        # A replica entry is left alone when its path is excluded and the
-        # source does not want that name (as a kind the pattern allows).
-        excluded |= {n for n, e in dst.items()
-                     if n not in src and patterns.match(_join(rel, n), n, e.kind == DIR)}
+        # Each side's entry is judged as what it is (a rule for folders
+        # spares no file of that name), as rsync does: an excluded replica
+        # entry is left alone unless the source has that name to put there.
+        excluded = patterns.excluded(rel, src)
         if excluded:
             src = {n: e for n, e in src.items() if n not in excluded}
-            if not options.delete_excluded:
-                dst = {n: e for n, e in dst.items() if n not in excluded}
+        if not options.delete_excluded:
+            spared = patterns.excluded(rel, {n: e for n, e in dst.items() if n not in src})
+            if spared:
+                dst = {n: e for n, e in dst.items() if n not in spared}
     empty = not _real(src)
     if is_root and not options.allow_empty_source and empty and _real(dst):
         return _Plan(len(src), "SOURCE is empty but REPLICA is not: refusing to delete everything in "
@@ -2885,10 +3041,15 @@ class _Walk:
                 continue  # moved to its new name
             if self.stopping():
                 return []
+            errors = self.result.errors
             if self.remove(frame, name, dst[name]):
                 del dst[name]
-            else:
-                keep.add(name)
+                continue
+            keep.add(name)
+            if name in plan.wanted and self.result.errors == errors:  # it stays for what it holds
+                self.error(_join(rel, name), f"the replica {dst[name].kind} cannot be replaced by the "
+                                             f"source's {plan.wanted[name].kind}: it holds excluded entries, "
+                                             "which are left alone (--delete-excluded removes them)")
 
         children, pending = [], []
         checksum = options.checksum or frame.verify
@@ -3493,6 +3654,12 @@ class _Walk:
             self.deleted += 1
             self.emit("remove", rel, entry.kind)
 
+    def excluded_here(self, rel: str, name: str, entry: Entry) -> bool:
+        """A replica entry inside a folder being removed that the rules
+        exclude: it stays (unless delete_excluded), and so does its folder."""
+        rules = self.options.excludes
+        return bool(rules) and not self.options.delete_excluded and rules.match(rel, name, entry.kind == DIR)
+
     def remove_tree(self, parent, name, rel, accounting=True) -> bool:
         """Remove a replica directory and everything in it, deepest first.
 
@@ -3529,6 +3696,9 @@ class _Walk:
                 if level.remaining and not self.stopping():
                     child, entry = level.remaining.pop()
                     child_rel = _join(level.rel, child)
+                    if accounting and self.excluded_here(child_rel, child, entry):
+                        level.emptied = False  # left alone, as excluded entries are: so is its folder
+                        continue
                     if entry.kind == DIR:
                         if self.reached_again(child_rel, entry) or not descend(level.handle, child, child_rel):
                             level.emptied = False
@@ -4525,8 +4695,15 @@ def _setup_logging(log_file: str, quiet: bool, verbose: bool) -> logging.Logger:
 
 def _describe_options(parser: "_ArgumentParser", args) -> str:
     """The options in effect that differ from their defaults, as typed."""
-    said = []
+    said, filters_said = [], False
     for action in parser.options:
+        if isinstance(action, _FilterOption):
+            if not filters_said:  # all of them here, in the order given: it decides the first match
+                flags = {a.const: max(a.option_strings, key=len) for a in parser.options
+                         if isinstance(a, _FilterOption)}
+                said += [f"{flags[kind]} {_show(value)}" for kind, value in getattr(args, "filters", [])]
+                filters_said = True
+            continue
         if action.dest in ("help", "version", "workers"):
             continue
         value = getattr(args, action.dest)
@@ -4703,6 +4880,22 @@ class _ArgumentParser(argparse.ArgumentParser):
         raise _Exit(status)
 
 
+_FROM_FLAGS = {"-from": "--exclude-from", "+from": "--include-from"}  # (see _FilterOption)
+
+
+class _FilterOption(argparse.Action):
+    """--exclude, --include, --exclude-from and --include-from: each flag
+    keeps its values, and all four keep the order they were given in
+    (filters), which decides which rule matches first."""
+
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest, default=[], **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, [*getattr(namespace, self.dest), values])
+        namespace.filters = [*getattr(namespace, "filters", []), (self.const, values)]
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = _ArgumentParser(
         prog="sync.py",
@@ -4728,11 +4921,18 @@ def _build_parser() -> argparse.ArgumentParser:
                         help="log what would be done, change nothing")
     parser.add_argument("-c", "--checksum", action="store_true",
                         help="also compare contents of files whose size and mtime match")
-    parser.add_argument("--exclude", action="append", default=[], metavar="PATTERN",
-                        help="leave out paths matching PATTERN on both sides (repeatable): '*.tmp' "
-                             "any name, '.git/' folders only, 'cache/**' below a path; see README")
-    parser.add_argument("--exclude-from", action="append", default=[], metavar="FILE",
-                        help="read exclude patterns from FILE, one a line (# starts a comment)")
+    parser.add_argument("--exclude", action=_FilterOption, const="-", metavar="PATTERN",
+                        help="leave out paths matching PATTERN on both sides, as rsync does "
+                             "(repeatable): '*.tmp' any name, '.git/' folders only, '/cache/***' a "
+                             "top folder and all in it; see README")
+    parser.add_argument("--include", action=_FilterOption, const="+", metavar="PATTERN",
+                        help="keep paths matching PATTERN in: the first --include or --exclude "
+                             "that matches decides, as in rsync")
+    parser.add_argument("--exclude-from", action=_FilterOption, const="-from", metavar="FILE",
+                        help="read exclude patterns from FILE, one a line (# or ; starts a comment; "
+                             "'+ ' and '- ' say the kind)")
+    parser.add_argument("--include-from", action=_FilterOption, const="+from", metavar="FILE",
+                        help="read include patterns from FILE, the same way")
     parser.add_argument("--delete-excluded", action="store_true",
                         help="remove excluded paths from REPLICA (by default they are left alone)")
     parser.add_argument("--trash", metavar="DIR",
@@ -4868,22 +5068,28 @@ class _Settings:
         parser = _build_parser()
         args = self.args = parser.parse_args(argv)
         check_arguments(args.source, args.replica, args.log_file)
-        for flag, path in [("--trash", args.trash), *(("--exclude-from", p) for p in args.exclude_from)]:
+        given = getattr(args, "filters", [])
+        for flag, path in [("--trash", args.trash), *((_FROM_FLAGS[kind], p) for kind, p in given
+                                                       if kind in _FROM_FLAGS)]:
             if path is not None and not path.strip():
                 raise UsageError(f"{flag} is empty: give a path")
-        patterns = list(args.exclude)
-        for path in args.exclude_from:
+        texts = []
+        for kind, value in given:
+            if kind not in _FROM_FLAGS:
+                texts.append((kind, value))
+                continue
             try:
-                patterns += read_exclude_file(path)
+                texts += read_rules_file(value, kind[0])
             except OSError as err:
-                raise UsageError(f"cannot read --exclude-from {path!r}: {_reason(err)}") from None
+                raise UsageError(f"cannot read {_FROM_FLAGS[kind]} {value!r}: {_reason(err)}") from None
+        filters = Filters(parse_rules(texts))
         if args.trash_keep is not None and not args.trash:
             raise UsageError("--trash-keep needs --trash DIR")
         self.described = _describe_options(parser, args)
         self.options = Options(
             checksum=args.checksum, dry_run=args.dry_run, allow_empty_source=args.allow_empty_source,
             max_delete=args.max_delete, workers=max(1, args.workers),
-            excludes=Excludes(patterns) or None, delete_excluded=args.delete_excluded,
+            excludes=filters or None, delete_excluded=args.delete_excluded,
             trash=args.trash, trash_keep_days=args.trash_keep,
             modify_window_ns=int(args.modify_window * 1_000_000_000),
             allow_mass_delete=args.allow_mass_delete, protect={"LOG_FILE": args.log_file},

@@ -220,7 +220,8 @@ def test_help_and_version_return_from_main(capsys):
 
 
 HELP = """
-usage: sync.py [-h] [--once] [-n] [-c] [--exclude PATTERN] [--exclude-from FILE] [--delete-excluded]
+usage: sync.py [-h] [--once] [-n] [-c] [--exclude PATTERN] [--include PATTERN] [--exclude-from FILE]
+[--include-from FILE] [--delete-excluded]
 [--trash DIR] [--trash-keep DAYS] [--modify-window SECONDS] [--no-perms] [--no-links] [--no-owner] [--no-group] [--no-xattrs]
 [--no-acls] [--no-hard-links] [-i] [--allow-empty-source] [--max-delete N]
 [--allow-mass-delete] [--workers N] [-q] [-v] [--version] SOURCE REPLICA INTERVAL LOG_FILE
@@ -236,9 +237,13 @@ options:
 --once run one pass and exit: 0 exact mirror, 1 some item failed
 -n, --dry-run log what would be done, change nothing
 -c, --checksum also compare contents of files whose size and mtime match
---exclude PATTERN leave out paths matching PATTERN on both sides (repeatable): '*.tmp' any name,
-'.git/' folders only, 'cache/**' below a path; see README
---exclude-from FILE read exclude patterns from FILE, one a line (# starts a comment)
+--exclude PATTERN leave out paths matching PATTERN on both sides, as rsync does (repeatable): '*.tmp'
+any name, '.git/' folders only, '/cache/***' a top folder and all in it; see README
+--include PATTERN keep paths matching PATTERN in: the first --include or --exclude that matches
+decides, as in rsync
+--exclude-from FILE read exclude patterns from FILE, one a line (# or ; starts a comment; '+ ' and
+'- ' say the kind)
+--include-from FILE read include patterns from FILE, the same way
 --delete-excluded remove excluded paths from REPLICA (by default they are left alone)
 --trash DIR instead of destroying what a pass deletes or overwrites, move it to DIR/<pass time>/<path>
 (DIR on REPLICA's file system)
