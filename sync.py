@@ -23,8 +23,9 @@ symbolic link):
   root) and POSIX ACLs, unless Options turns them off (see Keep); names that
   share one file in SOURCE share one in REPLICA (Options.hard_links);
   metadata alone is changed in place;
-* everything else under REPLICA is removed, except paths left out with
-  ``excludes`` (unless ``delete_excluded``).
+* everything else under REPLICA is removed, except paths the include and
+  exclude rules leave out (``excludes``, a Filters matched as rsync
+  matches them), unless ``delete_excluded``.
 
 What REPLICA's file system does not store (permission bits, owners, xattrs,
 ACLs, hard links, symbolic links: probed once per run, see _probe_replica)
