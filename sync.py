@@ -763,9 +763,10 @@ class Filters:
     against its last components (as many as the pattern has; one that
     starts with "**", anywhere); a trailing "/" limits it to folders and a
     trailing "/***" means a folder and all it holds.  "*" and "?" match
-    within one component, "**" across them, [...] one character of a set (ranges, [!...] and
-    [^...], POSIX classes such as [[:digit:]], never "/"), and a backslash
-    escapes the next character when the pattern has any of "*?[".
+    within one component, "**" across them, [...] one character of a set
+    (ranges, [!...] and [^...], POSIX classes such as [[:digit:]], never
+    "/"), and a backslash escapes the next character when the pattern has
+    any of "*?[".
     """
 
     def __init__(self, rules):
@@ -784,8 +785,11 @@ class Filters:
             plain = None if self._any_include else _plain_name(pattern)
             if plain is not None:
                 literal, ending, dir_only = plain
-                found = self._plain[dir_only]
-                found[0].add(literal) if ending is None else found[1].append(ending)
+                literals, endings = self._plain[dir_only]
+                if ending is None:
+                    literals.add(literal)
+                else:
+                    endings.append(ending)
                 continue
             regex, by_name = _rule_regex(pattern)
             indexes, regexes = names if by_name else paths
@@ -961,7 +965,7 @@ def _glob_class(glob: str, start: int):
     j = start + 1
     negate = glob[j:j + 1] in ("!", "^")
     j += negate
-    members = []  # (low, high) characters, or a POSIX class's regex
+    members = []  # regex pieces: a character, a range, or a POSIX class's set
     first = True
     while j < len(glob):
         c = glob[j]
