@@ -118,9 +118,13 @@ __version__ = "0.1.0"
 
 # ---------------------------------------------------------------- constants --
 
-EXIT_OK = 0  # the replica is an exact mirror (or the loop was stopped)
-EXIT_FAILED = 1  # at least one item could not be mirrored
-EXIT_USAGE = 2  # bad arguments or a precondition failed; nothing was changed
+# Exit statuses of the CLI (main), for monitoring: 0 and 2 as shells expect.
+EXIT_OK = 0  # the replica is an exact mirror
+EXIT_FAILED = 1  # not exact: an item could not be mirrored, or the pass was cut short
+EXIT_USAGE = 2  # bad arguments or a failed precondition; nothing was changed
+EXIT_REFUSED = 3  # a safety check refused the pass or a folder (empty SOURCE, mass deletion, ...)
+EXIT_LOCKED = 4  # another sync.py holds REPLICA's lock (a cron overlap); nothing was done
+EXIT_BUG = 5  # an internal error: a bug in sync.py, logged with its traceback
 
 # Temporary files are named so that they can never collide with each other and
 # are recognised by a later pass: ".syncpy-<16 hex digits>.tmp".  The name has a
@@ -253,58 +257,71 @@ class Entry(NamedTuple):
 
 
 class Action(NamedTuple):
-    """How one kind of event is reported: the one place an action is defined."""
+    """How one kind of event is reported: the one place an action is defined.
 
-    severity: str  # "info", "warning" or "error"
+    Every log line about an entry reads PHRASE PATH [REST]: a fixed phrase
+    ("copied", "created directory", "would remove file"), the path as one
+    token (see _token) and, after a space, "(...)", "-> target" or nothing.
+    Errors and debug lines read PATH: MESSAGE (or only MESSAGE when they are
+    about the whole pass, whose first word then never ends in ":").
+    """
+
+    severity: str  # "debug", "info", "warning" or "error"
     done: str  # what the log says once done: {path}, {detail}, {size} (detail as a size)
     would: str  # what a dry run says instead ("" : the same as done)
     summary: str = ""  # its count's label in the pass summary ("": not counted there)
     itemize: str = ""  # rsync-style change code for --itemize ("": not itemized)
+    would_summary: str = ""  # the count's label in a dry run's summary ("": the same)
 
 
 # Every action a pass reports, in the order the pass summary counts them.
 ACTIONS = {
     "copy": Action("info", "copied {path} ({size})", "would copy {path} ({size})",
-                   "copied", ">f+++++++++"),
+                   "copied", ">f+++++++++", "would copy"),
     "update": Action("info", "updated {path} ({size})", "would update {path} ({size})",
-                     "updated", ">f.st......"),
+                     "updated", ">f.st......", "would update"),
     # detail: the old path
-    "move": Action("info", "moved {detail} -> {path}", "would move {detail} -> {path}",
-                   "moved", "*moving    "),
+    "move": Action("info", "moved {path} (from {detail})", "would move {path} (from {detail})",
+                   "moved", "*moving    ", "would move"),
     "mkdir": Action("info", "created directory {path}", "would create directory {path}",
-                    "directories created", "cd+++++++++"),
+                    "directories created", "cd+++++++++", "would create directories"),
     "link": Action("info", "created link {path} -> {detail}", "would create link {path} -> {detail}",
-                   "links created", "cL+++++++++"),
+                   "links created", "cL+++++++++", "would create links"),
     # a symbolic link whose target changed
     "relink": Action("info", "updated link {path} -> {detail}", "would update link {path} -> {detail}",
-                     "links updated", "cL.s......."),
+                     "links updated", "cL.s.......", "would update links"),
     # a file with another name in SOURCE (detail: the name it was linked to)
-    "hardlink": Action("info", "linked {path} to {detail}", "would link {path} to {detail}",
-                       "hard links made", "hf+++++++++"),
+    "hardlink": Action("info", "linked {path} (to {detail})", "would link {path} (to {detail})",
+                       "hard links made", "hf+++++++++", "would make hard links"),
     # metadata of a current entry, set in place (detail: what, see _describe_attrs;
     # the itemize code comes with the event)
-    "attrs": Action("info", "set {detail} of {path}", "would set {detail} of {path}", "attributes set"),
-    # a file, link or special file (detail: its kind)
+    "attrs": Action("info", "set attributes of {path} ({detail})", "would set attributes of {path} ({detail})",
+                    "attributes set", "", "would set attributes"),
+    # a file, link or special file (detail: its kind; Event.trash: where it
+    # was moved instead, with Options.trash)
     "remove": Action("info", "removed {detail} {path}", "would remove {detail} {path}",
-                     "removed", "*deleting  "),
+                     "removed", "*deleting  ", "would remove"),
     "rmdir": Action("info", "removed directory {path}", "would remove directory {path}",
-                    "directories removed", "*deleting  "),
-    # an old version moved (or, for an update, linked) to the trash (detail: where)
-    "trash": Action("info", "kept old version of {path} in trash as {detail}",
-                    "would keep old version of {path} in trash", "kept in trash", "*trashing  "),
+                    "directories removed", "*deleting  ", "would remove directories"),
+    # the old version of a file about to be overwritten, linked (or moved)
+    # to the trash (detail: where)
+    "trash": Action("info", "kept old version of {path} (in trash as {detail})",
+                    "would keep old version of {path} (in trash)", "kept in trash", "*trashing  ",
+                    "would keep in trash"),
     # a trash folder older than trash_keep_days (path: its name)
     "prune": Action("info", "pruned trash folder {path}", "would prune trash folder {path}",
-                    "trash folders pruned"),
+                    "trash folders pruned", "", "would prune trash folders"),
     # a temporary file left by an interrupted pass
     "temp": Action("info", "removed leftover temporary file {path}",
-                   "would remove leftover temporary file {path}", "temporary files removed", "*deleting  "),
-    # a source entry that is never mirrored (a special file)
-    "skip": Action("warning", "skipped {path}: {detail}", "", "skipped"),
-    "changed": Action("warning", "{path} changed while it was being copied; the next pass copies it again",
+                   "would remove leftover temporary file {path}", "temporary files removed", "*deleting  ",
+                   "would remove temporary files"),
+    # a source entry that is never mirrored (a special file; detail: its kind)
+    "skip": Action("warning", "skipped {path} ({detail})", "", "skipped"),
+    "changed": Action("warning", "changed while copying {path} (the next pass copies it again)",
                       "", "changed while copying"),
-    "vanished": Action("info", "{path} vanished before it could be copied", "", "vanished"),
+    "vanished": Action("info", "vanished before copying {path}", "", "vanished"),
     # REPLICA's file system cannot store this mtime (detail: what it keeps)
-    "clamped": Action("warning", "{path}: the time {detail}", ""),
+    "clamped": Action("warning", "kept another time for {path} ({detail})", ""),
     # what REPLICA's file system was found to store, where that is not all ext4 stores (once a run)
     "probe": Action("info", "replica file system: {detail}", ""),
     # what the options ask for but REPLICA's file system does not store (once a run)
@@ -312,7 +329,12 @@ ACTIONS = {
     # a pass took longer than the interval (detail: its seconds)
     "overrun": Action("warning", "the pass took {detail} s, longer than INTERVAL; starting the next one now", ""),
     "error": Action("error", "{path}: {detail}", ""),  # an item could not be mirrored
+    # why the pass decided what it did (only with Options.explain)
+    "debug": Action("debug", "{path}: {detail}", ""),
 }
+
+# Actions whose lines are about the run, not about an entry (no path).
+_RUN_ACTIONS = frozenset({"probe", "unstored", "overrun"})
 
 
 # rsync's --itemize letters for metadata, by position in its 11-character
@@ -370,7 +392,33 @@ def _show(path: str) -> str:
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
-# Events whose detail is a path or link target, shown escaped like paths.
+_ESCAPES = {"\\": "\\\\", '"': '\\"', "\n": "\\n", "\t": "\\t", "\r": "\\r"}
+
+
+def _token(path: str) -> str:
+    r"""A path as one token of a log line, so that every line can be split
+    back into its parts: as it is when it is printable and holds no space,
+    double quote or backslash ("." for the root); otherwise in double quotes,
+    with \\ \" \n \t \r, \xHH for a byte that is not UTF-8 and \uXXXX for
+    any other unprintable character."""
+    if not path:
+        return "."
+    if path.isprintable() and " " not in path and '"' not in path and "\\" not in path:
+        return path
+    out = []
+    for c in path:
+        if c in _ESCAPES:
+            out.append(_ESCAPES[c])
+        elif c.isprintable() or c == " ":
+            out.append(c)
+        elif "\udc80" <= c <= "\udcff":  # a byte os.fsdecode could not decode
+            out.append(f"\\x{ord(c) - 0xdc00:02x}")
+        else:
+            out.append(f"\\u{ord(c):04x}" if ord(c) < 0x10000 else f"\\U{ord(c):08x}")
+    return '"' + "".join(out) + '"'
+
+
+# Events whose detail is a path or link target, written as a path token.
 _PATH_DETAIL = frozenset({"link", "relink", "move", "trash", "hardlink"})
 
 
@@ -389,16 +437,20 @@ class Event(NamedTuple):
     # turns it into the flag to use.
     advice: str = ""
     code: str = ""  # the --itemize code, where the action's depends on the entry ("attrs")
+    trash: str = ""  # remove, rmdir: where the entry was moved instead (Options.trash)
 
     def text(self, dry_run: bool = False) -> str:
-        """One log line's message."""
+        """One log line's message (see Action for its grammar)."""
         action = ACTIONS[self.action]
         template = dry_run and action.would or action.done
-        if self.action == "error" and not self.path:
-            template = "{detail}"  # about a root, which the detail names
+        if self.action in ("error", "debug") and not self.path:
+            template = "{detail}"  # about the whole pass, which the detail says
         size = _human(int(self.detail)) if self.detail.isdigit() else self.detail
-        detail = _show(self.detail) if self.action in _PATH_DETAIL else self.detail
-        return template.format(path=_show(self.path), detail=detail, size=size)
+        detail = _token(self.detail) if self.action in _PATH_DETAIL else self.detail
+        text = template.format(path=_token(self.path), detail=detail, size=size)
+        if self.trash:
+            text += " (would keep it in trash)" if dry_run else f" (kept in trash as {_token(self.trash)})"
+        return text
 
     def itemized(self) -> str:
         """The --itemize line: change code and path ("" for actions without a code)."""
@@ -449,6 +501,14 @@ class Options:
     xattrs: bool = True
     acls: bool = True
     hard_links: bool = True
+    # Flush each copied file's data to the disk before it takes its name,
+    # and each replica folder once entries in it changed (rsync's --fsync):
+    # after a power cut every replica file is then its complete old or
+    # complete new version, not only in the page cache.
+    fsync: bool = False
+    # Report why entries were judged as they were (Event "debug"): costs a
+    # little per entry, so only when asked (the CLI's -v).
+    explain: bool = False
     # Symbolic links.  False leaves them out of the mirror as excludes do
     # (a replica entry of the same name is left alone) and counts them
     # (PassResult.left_out); where REPLICA's file system cannot store links,
@@ -482,13 +542,14 @@ class PassResult:
     def summary(self, dry_run: bool = False) -> str:
         """The pass in one line: what it counted, and whether the mirror is exact."""
         parts = [f"checked {self.checked}"]
-        parts += [f"{action.summary} {self.counts[name]}" for name, action in ACTIONS.items()
-                  if action.summary and self.counts[name]]
+        parts += [f"{dry_run and action.would_summary or action.summary} {self.counts[name]}"
+                  for name, action in ACTIONS.items() if action.summary and self.counts[name]]
         parts.append(f"errors {self.errors}")
         head = "dry run finished" if dry_run else "pass finished"
         if self.interrupted:
             head += " early (stopped)"
-        text = f"{head} in {self.duration:.2f} s: {', '.join(parts)}; {_human(self.bytes_copied)} copied"
+        copied = "would be copied" if dry_run else "copied"
+        text = f"{head} in {self.duration:.2f} s: {', '.join(parts)}; {_human(self.bytes_copied)} {copied}"
         if dry_run:
             return text
         if not self.exact:
@@ -731,6 +792,11 @@ class Refused(UsageError):
     """A pass cannot start safely (the trees overlap, REPLICA's drive is gone,
     ...): nothing has been changed.  At start-up the CLI exits 2 with it;
     later, the pass fails with it as an error."""
+
+
+class Locked(Refused):
+    """Another sync.py holds REPLICA's lock: an overlap of scheduled runs,
+    told apart from other refusals so that the CLI can say so by its status."""
 
 
 class _Aborted(Exception):
@@ -1458,6 +1524,11 @@ def _stores_owners(target) -> bool:
     return now.st_gid == gid and (uid == -1 or now.st_uid == uid)
 
 
+def _utc_ns(ns: int) -> str:
+    """A time to the nanosecond, for -v: 2026-11-26 10:51:18.228301556 UTC"""
+    return _utc(ns).replace(" UTC", f".{ns % 1_000_000_000:09d} UTC", 1)
+
+
 def _utc(ns: int) -> str:
     try:
         return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(ns // 1_000_000_000))
@@ -1692,11 +1763,13 @@ def _give_attrs(target, attrs: "_Attrs", keep: "Keep", follow: bool = True, dir_
         os.chmod(target, attrs.mode)
 
 
-def _copy_file(sd, dd, name, abort=None, attrs=None, keep=None, before_replace=None) -> tuple[int, bool]:
+def _copy_file(sd, dd, name, abort=None, attrs=None, keep=None, before_replace=None,
+               durable: bool = False) -> tuple[int, bool]:
     """Copy NAME from directory sd to directory dd atomically, holes of a
     sparse file left as holes; attrs (and keep): the owner and extended
     attributes it gets besides permission bits and times; before_replace:
-    called once the copy is complete, just before it takes the name.
+    called once the copy is complete, just before it takes the name;
+    durable: its data and attributes are flushed to the disk before that.
 
     Returns (bytes copied, stable) where stable is False when the source's size
     or mtime changed during the copy.  The replica then carries the pre-copy
@@ -1724,6 +1797,8 @@ def _copy_file(sd, dd, name, abort=None, attrs=None, keep=None, before_replace=N
                     copied = _copy_bytes(fin, fout, before.st_size, abort)
                 if _DIR_FD:
                     _set_file_stat(fout, tmp_path, tmp_fd, before, attrs, keep)
+                if durable:
+                    os.fsync(fout)
             finally:
                 os.close(fout)
             if not _DIR_FD:  # by path, once the data is written and the file closed
@@ -2306,6 +2381,38 @@ def _steps(wanted: dict, dst: dict, keep: set, checksum: bool, window: int, time
     return steps
 
 
+def _why(want: Entry, have: Optional[Entry], step: Optional[_Step], times: Times, window: int) -> str:
+    """Why _steps decided what it did for one file or link, for -v."""
+    kind = step.kind if step else "current"
+    if want.kind == LINK:
+        if kind == "link":
+            return "new link: not in the replica"
+        if kind == "relink":
+            return f"link target differs: replica has {_token(have.target)}"
+        return "current: same link target" if kind == "current" else "link target equal; attributes differ"
+    if want.kind != FILE:
+        return ""
+    if kind == "hardlinked":
+        return f"a file with {want.st.st_nlink} names: handled with its other names"
+    if kind == "copy":
+        return "new: not in the replica"
+    ws, hs = want.st, have.st
+    size = f"size {ws.st_size:,}"
+    mtime = times.fit(ws.st_mtime_ns)
+    stored = "" if mtime == ws.st_mtime_ns else f" (stored as {_utc_ns(mtime)})"
+    if kind == "update":
+        if ws.st_size != hs.st_size:
+            return f"changed: size {ws.st_size:,} in the source, {hs.st_size:,} in the replica"
+        return (f"changed: mtime {_utc_ns(ws.st_mtime_ns)} in the source{stored}, "
+                f"{_utc_ns(hs.st_mtime_ns)} in the replica")
+    same = f"{size} and mtime {_utc_ns(ws.st_mtime_ns)}{stored} equal"
+    if kind == "compare":
+        return f"{same}; its bytes are compared (--checksum, or a renamed folder)"
+    if kind == "attrs":
+        return f"{same}; {_describe_letters(step.attrs.letters + step.attrs.missed, 'attributes')} differ"
+    return f"current: {same}"
+
+
 # ---------------------------------------------------------------- executors --
 #
 # The walk decides and reports; an executor carries out its changes on
@@ -2350,6 +2457,7 @@ class _Changes:
 
     def __init__(self, options: Options, trash, trash_stamp: str, should_stop, abort, keep: Keep = Keep()):
         self.keep = keep  # the metadata mirrored
+        self.durable = options.fsync  # flush files and changed folders to the disk
         self.trash = trash if options.trash else None  # TRASH's handle, with the trash policy
         self.trash_stamp = trash_stamp  # this pass's folder in TRASH
         self.should_stop, self.abort = should_stop, abort
@@ -2384,6 +2492,20 @@ class _Changes:
             os.chmod(dd, attrs.mode)
         if set_times:
             os.utime(dd, ns=(src.st_atime_ns, src.st_mtime_ns))
+
+    def flush_dir(self, dd) -> None:
+        """--fsync: write a folder whose entries changed to the disk, so that
+        its new names (renames, creations, removals) survive a power cut."""
+        if not self.durable:
+            return
+        if _DIR_FD:
+            os.fsync(dd)
+            return
+        fd = os.open(dd, os.O_RDONLY | _O_DIRECTORY)  # pragma: no cover - by path (Windows cannot)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
     def open_doomed(self, d, name):
         """Open a replica folder about to be emptied, and make it writable."""
@@ -2555,7 +2677,8 @@ class _Changes:
         puts it), passed on in the outcome; attrs: the owner and extended
         attributes the copy gets."""
         try:
-            copied, stable = _copy_file(sd, dd, name, self.abort, attrs, self.keep, move_old)
+            copied, stable = _copy_file(sd, dd, name, self.abort, attrs, self.keep, move_old,
+                                        self.durable)
         except _Aborted:
             return _STOPPED._replace(trash=trash)
         except _Vanished:
@@ -2603,7 +2726,15 @@ class _DryRun(_Changes):
     """The dry-run executor: reads as the real one does, changes nothing,
     and answers as if every change had been made."""
 
+    def __init__(self, options: Options, trash, *args, **kwargs):
+        super().__init__(options, trash, *args, **kwargs)
+        if options.trash and self.trash is None:
+            self.trash = options.trash  # TRASH the real pass would make: its policy all the same
+
     def restrict(self, dd, mode):
+        pass
+
+    def flush_dir(self, dd):
         pass
 
     def make_writable(self, dd, mode):
@@ -2834,6 +2965,21 @@ class _Walk:
         self.result.counts["error"] += 1
         self.report(Event("error", rel, message, advice))
 
+    def explain(self, rel: str, detail: str) -> None:
+        """Why the pass decided something (Options.explain): a debug line."""
+        if self.options.explain:
+            self.report(Event("debug", rel, detail))
+
+    @contextlib.contextmanager
+    def phase(self, what: str):
+        """Time a phase of the pass, for -v."""
+        started = time.monotonic()
+        try:
+            yield
+        finally:
+            if self.options.explain:
+                self.explain("", f"phase {what} took {time.monotonic() - started:.3f} s")
+
     def refuse(self, rel: str, message: str, advice: str = "") -> None:
         """A safety check refused the pass ("") or one folder: nothing there
         changes.  advice: the Options field that would let it proceed."""
@@ -2882,7 +3028,8 @@ class _Walk:
     def run(self, roots: "_Roots") -> None:
         self.use(roots)
         if self.options.trash and self.options.trash_keep_days is not None and roots.trash is not None:
-            self.prune_trash()
+            with self.phase("trash pruning"):
+                self.prune_trash()
         sd = _dup(roots.source)
         dd = _dup(roots.replica) if roots.replica is not None else None
         root = _Frame(None, None, "", os.stat(sd), os.stat(dd) if dd is not None else None, dd is not None)
@@ -2896,14 +3043,16 @@ class _Walk:
                 self.fail("", "read the extended attributes of the roots", err)
         root.sd, root.dd = sd, dd
         try:
-            if self.options.workers > 1 and _CAN_FORK and self.options.max_delete is None:
-                self.walk_split(root)
-            else:
-                self.walk(root)
+            with self.phase("walk"):
+                if self.options.workers > 1 and _CAN_FORK and self.options.max_delete is None:
+                    self.walk_split(root)
+                else:
+                    self.walk(root)
         finally:
             self.do.stop_threads()
         self.retry_later = False  # a leader's copy must land before its group is linked to it
-        self.link_groups()
+        with self.phase("hard links"):
+            self.link_groups()
         self.retry_copies()
 
     def walk(self, root: _Frame) -> None:
@@ -2960,6 +3109,9 @@ class _Walk:
                     break
                 level = tasks
             if len(tasks) > 1 and not self.stopping():
+                self.explain("", f"worker split: {len(tasks):,} folders at depth {tasks[0].rel.count('/') + 1} "
+                                 f"handed to {min(self.options.workers, len(tasks))} worker processes "
+                                 f"after {len(entered):,} folders walked here")
                 self.do.stop_threads()  # no threads may be running across a fork
                 _FanOut(self, tasks).run()
             else:
@@ -3060,6 +3212,8 @@ class _Walk:
         checksum = options.checksum or frame.verify
         steps = _steps(plan.wanted, dst, keep, checksum, options.modify_window_ns, self.times,
                        self.keep, listing.src_x, listing.dst_x)
+        if options.explain:
+            self.explain_steps(rel, plan.wanted, dst, keep, steps)
         for step in steps:
             if self.stopping():
                 break
@@ -3147,6 +3301,11 @@ class _Walk:
             except OSError as err:
                 self.fail(frame.rel, "set directory attributes and times", err)
                 return
+            if frame.changed or frame.dst_st is None:
+                try:
+                    self.do.flush_dir(frame.dd)
+                except OSError as err:
+                    self.fail(frame.rel, "flush the replica directory to the disk", err)
             if attrs.missed:
                 self.missed(attrs.missed)
             if frame.dst_st is not None and attrs.letters:
@@ -3208,6 +3367,18 @@ class _Walk:
             self.emit("move", _join(frame.rel, name), _join(frame.rel, old))
         return done
 
+    def explain_steps(self, rel: str, wanted: dict, dst: dict, keep: set, steps: list) -> None:
+        """-v: for each file and link, why it is copied, compared or left as it is."""
+        decided = {step.name: step for step in steps}
+        window = self.options.modify_window_ns
+        for name in sorted(wanted):
+            want, have, step = wanted[name], dst.get(name), decided.get(name)
+            if want.kind == DIR or name in keep:
+                continue
+            why = _why(want, have, step, self.times, window)
+            if why:
+                self.explain(_join(rel, name), why)
+
     def sync_moves(self, frame, moves: list, wanted: dict, dst: dict) -> dict:
         """Rename replica entries that the source renamed within this directory,
         instead of copying them again and deleting the old names.
@@ -3222,13 +3393,17 @@ class _Walk:
             rel = _join(frame.rel, name)
             if dst[old].kind == DIR and (dst[old].st.st_dev, dst[old].st.st_ino) in self.protected:
                 continue  # a root seen through a mount: remove() reports it and leaves it
+            self.explain(rel, f"renamed from {_token(_join(frame.rel, old))}? the only entries of "
+                              f"this folder with its {'size and ' * (wanted[name].kind == FILE)}mtime")
             if wanted[name].kind == FILE:
                 # Equal size and mtime across two names is no proof: compare the
                 # bytes (two reads still spare the write of a new copy).
                 try:
                     if not _same_contents(frame.sd, frame.dd, name, old, self.abort):
+                        self.explain(rel, "not a rename: the bytes differ; copied as a new file")
                         continue
-                except (OSError, _Aborted):
+                except (OSError, _Aborted) as err:
+                    self.explain(rel, f"not a rename: cannot compare the bytes ({_reason(err)})")
                     continue  # not proven equal: copy it as a new file instead
             if not self.prepare(frame):
                 return moved
@@ -3601,8 +3776,8 @@ class _Walk:
         return True
 
     def trash(self, frame, name, rel, have: Entry, keep: bool) -> bool:
-        """Move replica entry NAME to the trash (keep: link it, for a link
-        about to be replaced)."""
+        """Move replica entry NAME to the trash, reported as its removal
+        (keep: link it instead, for a link about to be replaced)."""
         try:
             if keep:
                 where = self.do.keep_in_trash(frame.dd, name, rel)
@@ -3611,7 +3786,13 @@ class _Walk:
         except OSError as err:
             self.fail(rel, "move the old version to the trash", err)
             return False
-        self.emit("trash", rel, where)
+        if keep:
+            self.emit("trash", rel, where)
+        else:
+            self.result.counts["trash"] += 1
+            action, kind = ("rmdir", "") if have.kind == DIR else ("remove", have.kind)
+            self.result.counts[action] += 1
+            self.report(Event(action, rel, kind, trash=where or "-"))
         return True
 
     def prune_trash(self) -> None:
@@ -3947,7 +4128,8 @@ def _count_deletions(roots: "_Roots", options: Options, should_stop, work: "_Wal
     limit changes nothing at all."""
     if options.max_delete is None or options.dry_run:
         return None
-    probe = _Walk(dataclasses.replace(options, dry_run=True, max_delete=None, allow_mass_delete=True),
+    probe = _Walk(dataclasses.replace(options, dry_run=True, max_delete=None, allow_mass_delete=True,
+                                      explain=False),
                   _ignore, should_stop)
     probe.stores = work.stores
     probe.run(roots)
@@ -4362,6 +4544,8 @@ def _open_trees(source: str, replica: str, options: "Options") -> dict:
         for what, path in named:
             trees[what] = _Tree(what, path, mounts, may_be_missing=what != "SOURCE")
         for what, path in options.protect.items():
+            if path is None:
+                continue
             try:
                 trees[what] = _Tree(what, os.path.dirname(os.path.abspath(path)), mounts,
                                     may_be_missing=False)
@@ -4491,7 +4675,8 @@ class Mirror:
             try:
                 probed = self.stores is None and roots.replica is not None
                 if probed:
-                    self.stores = _probe_replica(roots.replica, roots.trees["REPLICA"].kind)
+                    with work.phase("probe of REPLICA's file system"):
+                        self.stores = _probe_replica(roots.replica, roots.trees["REPLICA"].kind)
                 stores = self.stores or Stores()
                 work.stores = stores
                 work.keep, work.result.unstored = Keep.decide(options, stores)
@@ -4501,7 +4686,9 @@ class Mirror:
                         work.emit("probe", "", stores.describe())
                     if work.result.unstored:
                         work.emit("unstored", "", _and(work.result.unstored))
-                would_delete = _count_deletions(roots, options, work.should_stop, work)
+                with work.phase("count of deletions (--max-delete)") if options.max_delete is not None \
+                        else contextlib.nullcontext():
+                    would_delete = _count_deletions(roots, options, work.should_stop, work)
                 if would_delete is not None and would_delete > options.max_delete:
                     work.refuse("", f"this pass would delete {would_delete} entries, more than the "
                                     f"limit of {options.max_delete}; nothing was changed.", "max_delete")
@@ -4543,7 +4730,7 @@ def lock_replica(replica: str, handle=None) -> Optional[int]:
         holder = _lock_holder(os.fstat(fd))
         os.close(fd)
         who = f"another sync.py (process {holder})" if holder else "another sync.py"
-        raise Refused(f"REPLICA {replica!r} is locked by {who}; only one may write "
+        raise Locked(f"REPLICA {replica!r} is locked by {who}; only one may write "
                       "to a replica at a time: stop that one, or wait for it to finish") from None
     except OSError:
         os.close(fd)
@@ -4597,13 +4784,19 @@ def check_arguments(source: str, replica: str, log_file: Optional[str]) -> None:
         raise UsageError(f"SOURCE {source!r} is not a directory")
     if os.path.lexists(replica) and not os.path.isdir(replica):
         raise UsageError(f"REPLICA {replica!r} exists and is not a directory")
-    if log_file is None:
-        return
-    if os.path.isdir(log_file):
-        raise UsageError(f"LOG_FILE {log_file!r} is a directory")
-    folder = os.path.dirname(os.path.abspath(log_file))
+    if log_file is not None:
+        _check_output_file("LOG_FILE", log_file)
+
+
+def _check_output_file(what: str, path: str) -> None:
+    """A file sync.py writes besides the mirror: its folder must exist."""
+    if not path.strip():
+        raise UsageError(f"{what} is empty: give a path")
+    if os.path.isdir(path):
+        raise UsageError(f"{what} {path!r} is a directory")
+    folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
-        raise UsageError(f"LOG_FILE {log_file!r}: folder {folder!r} does not exist")
+        raise UsageError(f"{what} {path!r}: folder {folder!r} does not exist")
 
 
 # ---------------------------------------------------------------- the CLI --
@@ -4655,10 +4848,32 @@ class _Console(_ReportOnce, logging.StreamHandler):
 
 
 class _QuietFilter(logging.Filter):
-    """With --quiet the console shows warnings, errors and pass summaries."""
+    """--quiet on the console: warnings and errors only, at most LIMIT of
+    them a pass; the rest are counted (held_back) and left to LOG_FILE.
+    Records marked "always" (a pass summary that reports a problem, the
+    count of what was held back) pass regardless."""
+
+    LIMIT = 20
+
+    def __init__(self):
+        super().__init__()
+        self.shown = self.held_back = 0
 
     def filter(self, record):
-        return record.levelno >= logging.WARNING or getattr(record, "summary", False)
+        if getattr(record, "always", False):
+            return True
+        if record.levelno < logging.WARNING:
+            return False
+        if self.shown >= self.LIMIT and record.levelno < logging.CRITICAL:
+            self.held_back += 1
+            return False
+        self.shown += 1
+        return True
+
+    def next_pass(self) -> int:
+        """Start counting afresh; returns how many lines were held back."""
+        held, self.shown, self.held_back = self.held_back, 0, 0
+        return held
 
 
 class _Formatter(logging.Formatter):
@@ -4673,7 +4888,7 @@ class _Formatter(logging.Formatter):
         return self._text
 
 
-_LEVELS = {"info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
+_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 _FORMAT = _Formatter("%(asctime)s.%(msecs)03d %(levelname)-7s %(message)s", "%Y-%m-%d %H:%M:%S")
 
 
@@ -4698,8 +4913,9 @@ def _setup_logging(log_file: str, quiet: bool, verbose: bool) -> logging.Logger:
     return logger
 
 
-def _describe_options(parser: "_ArgumentParser", args) -> str:
-    """The options in effect that differ from their defaults, as typed."""
+def _describe_options(parser: "_ArgumentParser", args, workers: int) -> str:
+    """The options in effect that differ from their defaults, with the
+    values in effect (workers: the worker processes a pass really uses)."""
     said, filters_said = [], False
     for action in parser.options:
         if isinstance(action, _FilterOption):
@@ -4720,7 +4936,7 @@ def _describe_options(parser: "_ArgumentParser", args) -> str:
         else:
             for item in value if isinstance(value, list) else [value]:
                 said.append(f"{flag} {_show(str(item))}")
-    said.append(f"--workers {args.workers}")  # always: its default depends on the machine
+    said.append(f"--workers {workers}")  # always: its default depends on the machine
     return " ".join(said)
 
 
@@ -4742,7 +4958,8 @@ class _Progress:
 
     def __init__(self, stream, clock=time.monotonic, count=None):
         self.stream, self.clock, self.count = stream, clock, count
-        self.shown = False
+        self.shown = self.resize_pending = False
+        self.text, self.elapsed = "", 0.0
         self.counter = None  # the thread counting the total, once started
         self.finish()
 
@@ -4781,18 +4998,46 @@ class _Progress:
         self.total = self.count(self.stop_count.is_set)
 
     def draw(self, elapsed: float) -> None:
-        rate = _human(int(self.bytes / elapsed)) if elapsed else "0 bytes"
-        done = f"{self.checked:,} entries checked"
-        left = ""
-        if self.total and self.checked and self.checked <= self.total:
-            done = f"{self.checked:,} of {self.total:,} entries checked ({100 * self.checked // self.total}%)"
-            left = f", about {_clock(elapsed * (self.total - self.checked) / self.checked)} left"
-        text = (f"sync.py: {done}, {self.files:,} files copied ({_human(self.bytes)}, {rate}/s), "
-                f"{_clock(elapsed)} elapsed{left}")
-        self.text = text
+        self.elapsed, self.resize_pending = elapsed, False
+        self.text = self.fit(elapsed, self.width())
         self.redraw()
 
+    def width(self) -> int:
+        """The terminal's width now (it may have been resized), in columns."""
+        try:
+            return os.get_terminal_size(self.stream.fileno()).columns or 80
+        except (OSError, ValueError, AttributeError):
+            return 80
+
+    def fit(self, elapsed: float, columns: int) -> str:
+        """The longest wording that fits in columns - 1 (a line that reaches
+        the last column wraps on some terminals), down to the essentials."""
+        checked, files = f"{self.checked:,}", f"{self.files:,}"
+        share = left = ""
+        if self.total and self.checked and self.checked <= self.total:
+            share = f"{100 * self.checked // self.total}%"
+            left = _clock(elapsed * (self.total - self.checked) / self.checked)
+        rate = _human(int(self.bytes / elapsed)) if elapsed else "0 bytes"
+        of = f" of {self.total:,}" if share else ""
+        wordings = [
+            f"sync.py: {checked}{of} entries checked{f' ({share})' if share else ''}, {files} files copied "
+            f"({_human(self.bytes)}, {rate}/s), {_clock(elapsed)} elapsed{f', about {left} left' if left else ''}",
+            f"{checked}{of} checked{f' ({share})' if share else ''}, {files} copied ({_human(self.bytes)}), "
+            f"{_clock(elapsed)}{f', {left} left' if left else ''}",
+            f"{share + ' ' if share else ''}{checked}{of.replace(' of ', '/')} checked, "
+            f"{files} copied{f', {left} left' if left else ''}",
+            f"{share + ' ' if share else ''}{checked}{of.replace(' of ', '/')}{f' {left} left' if left else ''}",
+        ]
+        room = max(columns - 1, 1)
+        for text in wordings:
+            if len(text) <= room:
+                return text
+        return wordings[-1][:room]
+
     def redraw(self) -> None:
+        if self.resize_pending:  # fitted to the old width: fit it again first
+            self.resize_pending = False
+            self.text = self.fit(self.elapsed, self.width())
         self.stream.write("\r" + self.text + "\x1b[K")
         self.stream.flush()
         self.shown = True
@@ -4802,6 +5047,13 @@ class _Progress:
             self.stream.write("\r\x1b[K")
             self.stream.flush()
             self.shown = False
+
+    def resized(self, signum=None, frame=None) -> None:
+        """The window changed size (SIGWINCH): fit the line again before it
+        is next drawn, and draw it at the next tick (not here: a signal
+        handler must not write)."""
+        self.resize_pending = True
+        self.drawn_at = float("-inf")
 
 
 def _clock(seconds: float) -> str:
@@ -4862,6 +5114,16 @@ class _Exit(Exception):
         self.status = status
 
 
+class _NoArguments(UsageError):
+    """No arguments at all: the usage line and where to read more."""
+
+
+def _program() -> str:
+    """The name the command was run by (sync.py, or the installed command)."""
+    name = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
+    return name if name and name not in ("-c", "__main__.py") else "sync.py"
+
+
 class _ArgumentParser(argparse.ArgumentParser):
     """Errors and early exits come back to main() instead of ending the
     process; the options it was given are kept in .options for the start line."""
@@ -4901,16 +5163,28 @@ class _FilterOption(argparse.Action):
         namespace.filters = [*getattr(namespace, "filters", []), (self.const, values)]
 
 
+_DESCRIPTION = ("Keep REPLICA an exact one-way mirror of SOURCE, re-syncing every INTERVAL\n"
+                "seconds and logging every action to the console and LOG_FILE.")
+_EXIT_TABLE = f"""exit status (of the last pass: --once, or a loop stopped by a signal):
+  {EXIT_OK}  REPLICA is an exact mirror of SOURCE
+  {EXIT_FAILED}  not exact: some items could not be mirrored (see the log), or the pass
+     was cut short
+  {EXIT_USAGE}  bad arguments or a failed precondition; nothing was changed
+  {EXIT_REFUSED}  a safety check refused the pass or a folder (empty SOURCE, mass
+     deletion, --max-delete, REPLICA's drive gone); nothing there was changed
+  {EXIT_LOCKED}  another sync.py is writing to REPLICA (a scheduled run overlapping);
+     nothing was done
+  {EXIT_BUG}  internal error (a bug: please report the log lines)"""
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = _ArgumentParser(
-        prog="sync.py",
+        prog=_program(),
+        usage="%(prog)s SOURCE REPLICA INTERVAL LOG_FILE [options]",
         allow_abbrev=False,  # --delete must not quietly mean --delete-excluded
-        description="Keep REPLICA an exact one-way mirror of SOURCE, re-syncing every "
-                    "INTERVAL seconds and logging every action to the console and LOG_FILE.",
-        epilog="Exit status: 0 the replica is an exact mirror (or the loop was stopped "
-               "by Ctrl-C/SIGTERM/SIGHUP); 1 an item could not be mirrored, or a safety check "
-               "refused the pass (with --once); 2 bad arguments or a failed precondition, "
-               "nothing changed.",
+        description=_DESCRIPTION,
+        epilog=_EXIT_TABLE,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("source", metavar="SOURCE", help="folder to copy from (only read)")
     parser.add_argument("replica", metavar="REPLICA",
@@ -4921,7 +5195,7 @@ def _build_parser() -> argparse.ArgumentParser:
     parser.add_argument("log_file", metavar="LOG_FILE",
                         help="file to append the log to (not inside REPLICA)")
     parser.add_argument("--once", action="store_true",
-                        help="run one pass and exit: 0 exact mirror, 1 some item failed")
+                        help="run one pass and exit with its status (below)")
     parser.add_argument("-n", "--dry-run", action="store_true",
                         help="log what would be done, change nothing")
     parser.add_argument("-c", "--checksum", action="store_true",
@@ -4981,9 +5255,18 @@ def _build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--workers", type=parse_count, metavar="N", default=DEFAULT_WORKERS,
                         help="processes that mirror separate subtrees at once "
                              f"(default: the number of CPUs, at most 8; here {DEFAULT_WORKERS})")
+    parser.add_argument("--status-file", metavar="PATH",
+                        help="after every pass, replace PATH with the pass's outcome as JSON "
+                             "(or, for a name ending in .prom, as Prometheus metrics); see README")
+    parser.add_argument("--fsync", action="store_true",
+                        help="flush each copied file, and each changed folder, to the disk before "
+                             "going on, so that a power cut leaves every replica file whole (slower)")
     parser.add_argument("-q", "--quiet", action="store_true",
-                        help="console shows only warnings, errors and pass summaries")
-    parser.add_argument("-v", "--verbose", action="store_true", help="add debug detail")
+                        help="console shows nothing when all is well: only warnings and errors, "
+                             f"at most {_QuietFilter.LIMIT} a pass (LOG_FILE gets every line)")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="also log why each entry was judged current or not, moves considered, "
+                             "the worker split and the time of each phase")
     parser.add_argument("--version", action="version", version=f"sync.py {__version__}")
     return parser
 
@@ -5018,8 +5301,9 @@ class _StopSignals:
 
     NAMES = ("SIGINT", "SIGTERM", "SIGHUP")
 
-    def __init__(self):
+    def __init__(self, on_first: Callable[[], None] = lambda: None):
         self.caught = []  # names of the signals received, in order
+        self.on_first = on_first  # told of the first signal (it takes no locks either)
         self.reader = self.writer = None
         self.previous_fd = None
         if os.name == "posix":
@@ -5035,6 +5319,8 @@ class _StopSignals:
 
     def note(self, signum, frame) -> None:
         self.caught.append(signal.Signals(signum).name)
+        if len(self.caught) == 1:
+            self.on_first()
 
     def is_set(self) -> bool:
         return bool(self.caught)
@@ -5071,8 +5357,13 @@ class _Settings:
 
     def __init__(self, argv=None):
         parser = _build_parser()
+        if not (sys.argv[1:] if argv is None else argv):
+            raise _NoArguments(f"usage: {parser.prog} SOURCE REPLICA INTERVAL LOG_FILE [options]\n"
+                               f"{_DESCRIPTION}\nTry '{parser.prog} --help' for the options and exit statuses.")
         args = self.args = parser.parse_args(argv)
         check_arguments(args.source, args.replica, args.log_file)
+        if args.status_file is not None:
+            _check_output_file("--status-file", args.status_file)
         given = getattr(args, "filters", [])
         for flag, path in [("--trash", args.trash), *((_FROM_FLAGS[kind], p) for kind, p in given
                                                        if kind in _FROM_FLAGS)]:
@@ -5090,16 +5381,176 @@ class _Settings:
         filters = Filters(parse_rules(texts))
         if args.trash_keep is not None and not args.trash:
             raise UsageError("--trash-keep needs --trash DIR")
-        self.described = _describe_options(parser, args)
+        self.described = _describe_options(parser, args, max(1, args.workers) if _CAN_FORK else 1)
         self.options = Options(
             checksum=args.checksum, dry_run=args.dry_run, allow_empty_source=args.allow_empty_source,
             max_delete=args.max_delete, workers=max(1, args.workers),
             excludes=filters or None, delete_excluded=args.delete_excluded,
             trash=args.trash, trash_keep_days=args.trash_keep,
             modify_window_ns=int(args.modify_window * 1_000_000_000),
-            allow_mass_delete=args.allow_mass_delete, protect={"LOG_FILE": args.log_file},
+            allow_mass_delete=args.allow_mass_delete,
+            protect={"LOG_FILE": args.log_file, "--status-file": args.status_file},
+            fsync=args.fsync, explain=args.verbose,
             perms=args.perms, owner=args.owner, group=args.group, xattrs=args.xattrs, acls=args.acls,
             hard_links=args.hard_links, links=args.links)
+
+
+def _exit_status(result: Optional[PassResult]) -> int:
+    """The exit status a pass's result stands for (None: no pass finished)."""
+    if result is None:
+        return EXIT_FAILED
+    if result.refused:
+        return EXIT_REFUSED
+    return EXIT_OK if result.exact else EXIT_FAILED
+
+
+def _iso(t: Optional[float]) -> Optional[str]:
+    """A wall-clock time in ISO 8601 with the local zone: 2026-11-26T10:51:18.228+01:00"""
+    if t is None:
+        return None
+    import datetime  # here: only --status-file needs it
+    return datetime.datetime.fromtimestamp(t).astimezone().isoformat(timespec="milliseconds")
+
+
+STATUS_SCHEMA = 1  # the version of --status-file's layout; raised when a field changes meaning
+
+
+class _StatusFile:
+    """--status-file: after every pass, what the pass did, as JSON (or, for
+    a name ending in .prom, in the Prometheus text format that
+    node_exporter's textfile collector reads).  Written to a temporary file
+    beside it and renamed over it, so a reader never sees half of one."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def write(self, fields: dict) -> Optional[str]:
+        """Replace the file; returns why it could not be written, if not."""
+        import json  # here: only --status-file needs it
+        text = _prometheus(fields) if self.path.endswith(".prom") else json.dumps(fields, indent=2) + "\n"
+        folder, name = os.path.split(os.path.abspath(self.path))
+        temp = os.path.join(folder, f".{name}.{os.getpid()}.tmp")  # the collector skips it: no .prom
+        try:
+            with open(temp, "w", encoding="utf-8") as out:
+                out.write(text)
+            os.replace(temp, self.path)
+        except OSError as err:
+            with contextlib.suppress(OSError):
+                os.unlink(temp)
+            return _reason(err)
+        return None
+
+
+def _prometheus(fields: dict) -> str:
+    """The status fields as Prometheus metrics, labelled with the replica."""
+    def label(value: str) -> str:
+        return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+    where = f'replica="{label(fields["replica"])}"'
+    metrics = [
+        ("syncpy_last_pass_exact", "1 if the last pass left REPLICA an exact mirror of SOURCE",
+         [(where, int(fields["exact"]))]),
+        ("syncpy_last_pass_status", "the exit status the last pass stands for (see --help)",
+         [(where, fields["status"])]),
+        ("syncpy_last_pass_end_timestamp_seconds", "when the last pass ended (Unix time)",
+         [(where, fields["finished_unix"])]),
+        ("syncpy_last_pass_duration_seconds", "how long the last pass took", [(where, fields["duration_seconds"])]),
+        ("syncpy_last_pass_errors", "items the last pass could not mirror", [(where, fields["errors"])]),
+        ("syncpy_last_pass_bytes_copied", "bytes the last pass copied", [(where, fields["bytes_copied"])]),
+        ("syncpy_last_pass_actions", "what the last pass did, by action",
+         [(f'{where},action="{action}"', n) for action, n in sorted(fields["counts"].items())]),
+    ]
+    if fields["next_pass_unix"] is not None:
+        metrics.append(("syncpy_next_pass_timestamp_seconds", "when the next pass starts (Unix time)",
+                        [(where, fields["next_pass_unix"])]))
+    lines = []
+    for name, meaning, samples in metrics:
+        lines += [f"# HELP {name} {meaning}", f"# TYPE {name} gauge"]
+        lines += [f"{name}{{{labels}}} {value}" for labels, value in samples]
+    return "\n".join(lines) + "\n"
+
+
+class _Notifier:
+    """systemd's notification protocol (see sd_notify(3)) where systemd
+    asks for it (NOTIFY_SOCKET, Type=notify): READY=1, STATUS=..., STOPPING=1
+    and, with WatchdogSec= (WATCHDOG_USEC), WATCHDOG=1 every half period
+    while the run is alive (see _Heartbeat).  Silent everywhere else."""
+
+    def __init__(self, environ=os.environ):
+        self.sock = None
+        self.watchdog = None  # seconds systemd waits for a ping, when it watches
+        address = environ.get("NOTIFY_SOCKET", "")
+        if not address or not hasattr(os, "fork"):
+            return
+        import socket  # here: only a run under systemd needs it
+        if address.startswith("@"):  # an abstract socket
+            address = "\0" + address[1:]
+        try:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | getattr(socket, "SOCK_CLOEXEC", 0))
+        except (OSError, AttributeError):
+            return
+        try:
+            sock.connect(address)
+        except OSError:
+            sock.close()
+            return
+        self.sock = sock
+        usec, pid = environ.get("WATCHDOG_USEC", ""), environ.get("WATCHDOG_PID", "")
+        if usec.isdigit() and int(usec) > 0 and (not pid or pid == str(os.getpid())):
+            self.watchdog = int(usec) / 1e6
+
+    def send(self, *lines: str) -> None:
+        if self.sock is not None:
+            try:
+                self.sock.send("\n".join(lines).encode("utf-8", "backslashreplace"))
+            except OSError:
+                pass  # systemd has gone (or never listened): nothing to tell
+
+    def start_watchdog(self, alive: Callable[[float], bool]) -> None:
+        """Ping every half period while alive(period) says the run still
+        moves; a run stuck longer than the period is then restarted."""
+        if self.watchdog is None:
+            return
+        period = self.watchdog
+
+        def ping():
+            while True:
+                time.sleep(period / 2)
+                if alive(period):
+                    self.send("WATCHDOG=1")
+
+        threading.Thread(target=ping, name="sync-watchdog", daemon=True).start()
+
+
+class _Heartbeat:
+    """The stop signals as the core polls them, each poll noted: a pass polls
+    between items and, while it copies, every chunk; workers' progress is
+    collected in between; the loop sleeps in wait().  alive(within) says
+    whether the run has moved in the last `within` seconds, for the watchdog."""
+
+    def __init__(self, signals: "_StopSignals"):
+        self.signals = signals
+        self.last = time.monotonic()
+        self.sleeping = False
+
+    def is_set(self) -> bool:
+        self.last = time.monotonic()
+        return self.signals.is_set()
+
+    def aborted(self) -> bool:
+        self.last = time.monotonic()
+        return self.signals.aborted()
+
+    def wait(self, seconds: float) -> None:
+        self.sleeping = True
+        try:
+            self.signals.wait(seconds)
+        finally:
+            self.sleeping = False
+            self.last = time.monotonic()
+
+    def alive(self, within: float) -> bool:
+        return self.sleeping or time.monotonic() - self.last < within
 
 
 # What the CLI adds to a refusal: the flag that lets the user proceed (by
@@ -5115,7 +5566,8 @@ _ADVICE = {
 
 class _Reporter:
     """Everything a user sees of a run: log lines (LOG_FILE and console),
-    --itemize lines on stdout, the progress line, the pass summaries."""
+    --itemize lines on stdout, the progress line, the pass summaries, the
+    status file and systemd's notifications."""
 
     def __init__(self, settings: _Settings):
         args = self.args = settings.args
@@ -5128,28 +5580,48 @@ class _Reporter:
         # logs which thread or process a record came from, and a pass may log
         # one line per file.
         logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
+        self.console = next((h for h in self.logger.handlers if isinstance(h, _Console)), None)
+        self.quiet = next((f for f in self.console.filters if isinstance(f, _QuietFilter)), None) \
+            if self.console else None
         self.progress = None
         if _Progress.wanted(sys.stderr, args.quiet):
             excludes = settings.options.excludes
             self.progress = _Progress(sys.stderr, count=lambda stop: count_entries(args.source, excludes, stop))
-            for handler in self.logger.handlers:
-                if isinstance(handler, _Console):
-                    handler.progress = self.progress
+            self.console.progress = self.progress
+            if hasattr(signal, "SIGWINCH"):
+                with contextlib.suppress(ValueError):  # not the main thread: no resizes then
+                    signal.signal(signal.SIGWINCH, self.progress.resized)
         self.checked = self.progress.progress if self.progress else None
         self.last = None  # the PassResult of the latest pass
+        self.passes = 0
+        self.warned = set()  # warnings of earlier passes: said again at info level
+        self.warned_now = set()  # warnings of this pass
+        self.errors = []  # this pass's last few error lines, for the status file
+        self.status = _StatusFile(args.status_file) if args.status_file else None
+        self.status_failed = False
+        self.notifier = _Notifier()
 
-    def log(self, level: int, message: str, summary: bool = False) -> None:
+    def log(self, level: int, message: str, always: bool = False) -> None:
         """One log line.  The record is made here, not by Logger.log, which
-        would look up the calling source line for every record."""
+        would look up the calling source line for every record.  always:
+        shown on the console even with --quiet."""
         if self.logger.isEnabledFor(level):
             self.logger.handle(self.logger.makeRecord(self.logger.name, level, "", 0, message, None, None,
-                                                      extra={"summary": summary}))
+                                                      extra={"always": always}))
 
     def event(self, event: Event) -> None:
         text = event.text(self.args.dry_run)
         if event.advice:
             text += " " + _ADVICE[event.advice]
-        self.log(_LEVELS[ACTIONS[event.action].severity], text)
+        level = _LEVELS[ACTIONS[event.action].severity]
+        if level == logging.WARNING:  # a cause that has not changed since an earlier pass: said once
+            key = event[:3]
+            if key in self.warned:
+                level = logging.INFO
+            self.warned_now.add(key)
+        elif level == logging.ERROR:
+            self.errors = [*self.errors[-(self.KEEP_ERRORS - 1):], text]
+        self.log(level, text)
         if self.args.itemize:
             line = event.itemized()
             if line:
@@ -5157,12 +5629,15 @@ class _Reporter:
         if self.progress:
             self.progress.event(event)
 
+    KEEP_ERRORS = 5  # error lines of a pass the status file repeats
+
     def started(self) -> None:
         args = self.args
         mode = "once" if args.once else f"every {args.interval:g} s"
         self.log(logging.INFO, f"sync.py {__version__} started: {_show(args.source)} -> "
                                f"{_show(args.replica)}, {mode}, log {_show(args.log_file)}; "
-                               f"options: {self.settings.described}", summary=True)
+                               f"options: {self.settings.described}")
+        self.notifier.send("READY=1", f"STATUS=first pass running: {_show(args.source)} -> {_show(args.replica)}")
 
     def cannot_lock(self, err: OSError) -> None:
         self.log(logging.WARNING, f"cannot lock REPLICA ({_reason(err)}): make sure no other "
@@ -5170,22 +5645,66 @@ class _Reporter:
 
     def pass_done(self, result: PassResult) -> None:
         self.last = result
+        self.passes += 1
         if self.progress:
             self.progress.finish()
-        self.log(logging.WARNING if result.errors else logging.INFO,
-                 result.summary(self.args.dry_run), summary=True)
+        held = self.quiet.next_pass() if self.quiet else 0
+        if held:  # on the console only: LOG_FILE has them all
+            self.console.handle(logging.makeLogRecord({
+                "name": self.logger.name, "levelno": logging.WARNING, "levelname": "WARNING",
+                "msg": f"{held:,} more warnings and errors of this pass are in LOG_FILE "
+                       f"{_show(self.args.log_file)}", "always": True}))
+        summary = result.summary(self.args.dry_run)
+        self.log(logging.WARNING if result.errors else logging.INFO, summary, always=bool(result.errors))
+        self.warned |= self.warned_now
+        self.warned_now = set()
+        self.notifier.send(f"STATUS={summary}")
+        if self.status is not None:
+            self.write_status(result)
+        self.errors = []
+
+    def write_status(self, result: PassResult) -> None:
+        args = self.args
+        now = time.time()
+        next_at = None
+        if not args.once:  # the loop starts the next pass INTERVAL after this one started
+            next_at = now + max(0.0, args.interval - result.duration)
+        fields = {
+            "schema": STATUS_SCHEMA, "program": "sync.py", "version": __version__, "pid": os.getpid(),
+            "source": _show(os.path.abspath(args.source)), "replica": _show(os.path.abspath(args.replica)),
+            "mode": "once" if args.once else "loop", "interval_seconds": args.interval,
+            "dry_run": args.dry_run, "pass": self.passes,
+            "started": _iso(now - result.duration), "finished": _iso(now), "finished_unix": round(now, 3),
+            "duration_seconds": round(result.duration, 3),
+            "exact": result.exact and not args.dry_run, "status": _exit_status(result),
+            "refused": result.refused, "interrupted": result.interrupted,
+            "checked": result.checked, "counts": {name: result.counts[name] for name in ACTIONS
+                                                  if result.counts[name]},
+            "bytes_copied": result.bytes_copied, "errors": result.errors, "last_errors": self.errors,
+            "left_out": result.left_out(),
+            "next_pass": _iso(next_at), "next_pass_unix": None if next_at is None else round(next_at, 3),
+        }
+        failure = self.status.write(fields)
+        if failure and not self.status_failed:
+            self.log(logging.WARNING, f"cannot write --status-file {_show(args.status_file)}: {failure}; "
+                                      "syncing goes on (said once)")
+        self.status_failed = bool(failure)
 
     def crashed(self) -> None:
         self.logger.critical("internal error: this is a bug in sync.py; please report it with "
                              "these lines", exc_info=True)
 
+    def stopping(self) -> None:
+        """The first stop signal has come (called from the signal handler)."""
+        self.notifier.send("STOPPING=1")
+
     def stopped(self, signals: "_StopSignals") -> None:
         if signals.aborted():
-            self.log(logging.WARNING, f"stopped at once by a second signal ({signals.caught[1]})", summary=True)
+            self.log(logging.WARNING, f"stopped at once by a second signal ({signals.caught[1]})", always=True)
         elif signals.caught:
-            self.log(logging.INFO, f"stopped by {signals.caught[0]}", summary=True)
+            self.log(logging.INFO, f"stopped by {signals.caught[0]}")
         else:
-            self.log(logging.INFO, "finished", summary=True)
+            self.log(logging.INFO, "finished")
 
 
 def main(argv=None) -> int:
@@ -5198,33 +5717,43 @@ def main(argv=None) -> int:
         reporter = _Reporter(settings)
         # A dry run changes nothing, so it may run beside a real one: no lock.
         cannot_lock = None if args.dry_run else mirror.check(create=True, lock=True)
+    except Locked as err:
+        print(f"{_program()}: {err}", file=sys.stderr)
+        return EXIT_LOCKED
+    except _NoArguments as err:
+        print(err, file=sys.stderr)
+        return EXIT_USAGE
     except UsageError as err:
-        print(f"sync.py: error: {err}", file=sys.stderr)
+        print(f"{_program()}: error: {err}", file=sys.stderr)
         return EXIT_USAGE
     except _Exit as done:
         return done.status
     if cannot_lock is not None:
         reporter.cannot_lock(cannot_lock)
     _raise_open_file_limit()
-    signals = _StopSignals()
+    signals = _StopSignals(on_first=reporter.stopping)
+    heart = signals  # polled by the pass and the loop; noted only for systemd's watchdog
+    if reporter.notifier.watchdog is not None:
+        heart = _Heartbeat(signals)
+        reporter.notifier.start_watchdog(heart.alive)
     try:
         reporter.started()
         if args.once:
-            reporter.pass_done(mirror.run_pass(reporter.event, signals.is_set, reporter.checked, signals.aborted))
+            reporter.pass_done(mirror.run_pass(reporter.event, heart.is_set, reporter.checked, heart.aborted))
         else:
             run_periodically(args.source, args.replica, args.interval, settings.options, reporter.event,
-                             reporter.pass_done, signals, progress=reporter.checked,
-                             abort=signals.aborted, mirror=mirror)
+                             reporter.pass_done, heart, progress=reporter.checked,
+                             abort=heart.aborted, mirror=mirror)
     except Exception:
         reporter.crashed()
-        return EXIT_FAILED
+        return EXIT_BUG
     finally:
         signals.close()
         mirror.unlock()
     reporter.stopped(signals)
-    if signals.aborted() or args.once and not reporter.last.exact:
+    if signals.aborted():
         return EXIT_FAILED
-    return EXIT_OK
+    return _exit_status(reporter.last)
 
 
 if __name__ == "__main__":

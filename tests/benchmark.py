@@ -116,6 +116,11 @@ CASES = {
     "initial-small": Case("initial copy, 20,000 files of 0-16 KiB in 400 directories",
                           lambda s: build_small_files(s, 20_000, 400, 16 * 1024),
                           replica_from_source=False),
+    # --fsync costs a disk flush per file and per changed folder: measure it
+    # where flushes are real (--root on a disk file system, not tmpfs).
+    "initial-small-fsync": Case("initial copy, 20,000 files of 0-16 KiB, --fsync (rsync --fsync)",
+                                lambda s: build_small_files(s, 20_000, 400, 16 * 1024),
+                                replica_from_source=False, sync_args=("--fsync",), rsync_args=("--fsync",)),
     "initial-large": Case("initial copy, 4 files of 128 MiB",
                           lambda s: build_large_files(s, 4, 128 * 1024 * 1024),
                           replica_from_source=False),

@@ -11,25 +11,25 @@ from sync import Event, PassResult
 CASES = [
     ("copy", "2048", "copied a/f (2.0 KiB)", "would copy a/f (2.0 KiB)", ">f+++++++++ a/f"),
     ("update", "5", "updated a/f (5 bytes)", "would update a/f (5 bytes)", ">f.st...... a/f"),
-    ("move", "a/old", "moved a/old -> a/f", "would move a/old -> a/f", "*moving     a/old -> a/f"),
+    ("move", "a/old", "moved a/f (from a/old)", "would move a/f (from a/old)", "*moving     a/old -> a/f"),
     ("mkdir", "", "created directory a/f", "would create directory a/f", "cd+++++++++ a/f/"),
     ("link", "../t", "created link a/f -> ../t", "would create link a/f -> ../t", "cL+++++++++ a/f -> ../t"),
     ("relink", "t2", "updated link a/f -> t2", "would update link a/f -> t2", "cL.s....... a/f -> t2"),
-    ("hardlink", "b/g", "linked a/f to b/g", "would link a/f to b/g", "hf+++++++++ a/f => b/g"),
-    ("attrs", "owner 1000, permissions 0o600 and ACL", "set owner 1000, permissions 0o600 and ACL of a/f",
-     "would set owner 1000, permissions 0o600 and ACL of a/f", ".f...po..a. a/f"),
+    ("hardlink", "b/g", "linked a/f (to b/g)", "would link a/f (to b/g)", "hf+++++++++ a/f => b/g"),
+    ("attrs", "owner 1000, permissions 0o600 and ACL", "set attributes of a/f (owner 1000, permissions 0o600 and ACL)",
+     "would set attributes of a/f (owner 1000, permissions 0o600 and ACL)", ".f...po..a. a/f"),
     ("remove", "file", "removed file a/f", "would remove file a/f", "*deleting   a/f"),
     ("rmdir", "", "removed directory a/f", "would remove directory a/f", "*deleting   a/f/"),
-    ("trash", "2026-11-26_101500.123/a/f", "kept old version of a/f in trash as 2026-11-26_101500.123/a/f",
-     "would keep old version of a/f in trash", "*trashing   a/f"),
+    ("trash", "2026-11-26_101500.123/a/f", "kept old version of a/f (in trash as 2026-11-26_101500.123/a/f)",
+     "would keep old version of a/f (in trash)", "*trashing   a/f"),
     ("prune", "", "pruned trash folder a/f", "would prune trash folder a/f", ""),
     ("temp", "", "removed leftover temporary file a/f", "would remove leftover temporary file a/f",
      "*deleting   a/f"),
-    ("skip", "FIFO", "skipped a/f: FIFO", None, ""),
-    ("changed", "", "a/f changed while it was being copied; the next pass copies it again", None, ""),
-    ("vanished", "", "a/f vanished before it could be copied", None, ""),
+    ("skip", "FIFO", "skipped a/f (FIFO)", None, ""),
+    ("changed", "", "changed while copying a/f (the next pass copies it again)", None, ""),
+    ("vanished", "", "vanished before copying a/f", None, ""),
     ("clamped", "2302-01-01 00:00:05 UTC is kept as 2038-01-19 03:14:07 UTC",
-     "a/f: the time 2302-01-01 00:00:05 UTC is kept as 2038-01-19 03:14:07 UTC", None, ""),
+     "kept another time for a/f (2302-01-01 00:00:05 UTC is kept as 2038-01-19 03:14:07 UTC)", None, ""),
     ("probe", "exfat (fuseblk), times 1 s, no links, case-insensitive",
      "replica file system: exfat (fuseblk), times 1 s, no links, case-insensitive", None, ""),
     ("unstored", "owners and ACLs",
@@ -37,10 +37,12 @@ CASES = [
     ("overrun", "12.5", "the pass took 12.5 s, longer than INTERVAL; starting the next one now", None, ""),
     ("error", "cannot copy file: No space left on device (ENOSPC)",
      "a/f: cannot copy file: No space left on device (ENOSPC)", None, ""),
+    ("debug", "current: size 5 and mtime 2026-11-26 10:15:00.000000001 UTC equal",
+     "a/f: current: size 5 and mtime 2026-11-26 10:15:00.000000001 UTC equal", None, ""),
 ]
 
 SEVERITY = {"skip": "warning", "changed": "warning", "clamped": "warning", "overrun": "warning",
-            "unstored": "warning", "error": "error"}
+            "unstored": "warning", "error": "error", "debug": "debug"}
 # Actions whose itemize code depends on the entry come with their code.
 CODES = {"attrs": sync._itemize_attrs(sync.FILE, "pao")}
 
@@ -58,11 +60,17 @@ def test_wording_itemize_code_and_severity(action, detail, done, would, itemized
     assert sync.ACTIONS[action].severity == SEVERITY.get(action, "info")
 
 
-def test_paths_and_path_details_are_escaped_on_one_line():
-    assert Event("move", "new\nname", "old\udcff").text() == "moved old\\xff -> new\\nname"
+def test_paths_and_path_details_are_one_token_each_on_one_line():
+    assert Event("move", "new\nname", "old\udcff").text() == 'moved "new\\nname" (from "old\\xff")'
+    assert Event("copy", 'a "b" c\\d', "1").text() == 'copied "a \\"b\\" c\\\\d" (1 byte)'.replace("1 byte", "1 bytes")
+    assert Event("copy", "caf\u00e9/\u00a0x", "1").text() == 'copied "caf\u00e9/\\u00a0x" (1 bytes)'
     assert Event("link", "l", "t\tx").itemized() == "cL+++++++++ l -> t\\tx"
     assert Event("error", "", "REPLICA is missing").text() == "REPLICA is missing"
     assert Event("mkdir", "").text() == "created directory ."
+    trashed = Event("remove", "a b", "file", trash="2026-11-26_101500.123/a b")
+    assert trashed.text() == 'removed file "a b" (kept in trash as "2026-11-26_101500.123/a b")'
+    assert trashed.text(dry_run=True) == 'would remove file "a b" (would keep it in trash)'
+    assert trashed.itemized() == "*deleting   a b"
 
 
 @pytest.mark.parametrize("n, text", [(0, "0 bytes"), (1023, "1023 bytes"), (1024, "1.0 KiB"),
@@ -82,7 +90,12 @@ def test_the_summary_counts_each_action_under_its_label_in_table_order():
               "hard links made 1, attributes set 1, removed 1, directories removed 1, kept in trash 1, "
               "trash folders pruned 1, temporary files removed 1, skipped 1, changed while copying 1, "
               "vanished 1")
-    assert result.summary(dry_run=True) == f"dry run finished in 1.23 s: checked 7, {labels}, errors 0; 3.0 MiB copied"
+    would = ("would copy 4, would update 1, would move 1, would create directories 1, would create links 1, "
+             "would update links 1, would make hard links 1, would set attributes 1, would remove 1, "
+             "would remove directories 1, would keep in trash 1, would prune trash folders 1, "
+             "would remove temporary files 1, skipped 1, changed while copying 1, vanished 1")
+    assert result.summary(dry_run=True) == (f"dry run finished in 1.23 s: checked 7, {would}, errors 0; "
+                                            "3.0 MiB would be copied")
     assert result.summary() == (f"pass finished in 1.23 s: checked 7, {labels}, errors 0; 3.0 MiB copied; "
                                 "replica is NOT yet an exact mirror")
     clean = PassResult(checked=2, duration=0.5)

@@ -52,22 +52,26 @@ def test_odd_names_are_logged_on_one_line_without_logging_errors(src, dst, log, 
     assert proc.returncode == 0, proc.stderr
     assert "Logging error" not in proc.stderr and "Traceback" not in proc.stderr
     logged = log.read_bytes().decode("utf-8")  # valid UTF-8
-    assert "copied bad-\\xff-utf8 (1 bytes)" in logged
-    assert "copied new\\nline (1 bytes)" in logged
+    assert 'copied "bad-\\xff-utf8" (1 bytes)' in logged
+    assert 'copied "new\\nline" (1 bytes)' in logged
     assert "copied -leading-dash" in logged and "copied é.txt" in logged
     assert all(LINE.match(line) for line in logged.splitlines())
     assert_mirror(src, dst)
 
 
-def test_quiet_keeps_warnings_and_summary_on_console(src, dst, log, cli):
+def test_quiet_keeps_warnings_on_console_and_the_summary_only_of_a_failed_pass(src, dst, log, cli):
     make_tree(src, {"f": "x", "pipe": Fifo()})
     proc = cli(src, dst, 1, log, "--once", "-q")
     assert proc.returncode == 0
-    console = messages(proc.stderr)
-    assert "copied f (1 bytes)" not in console
-    assert "skipped pipe: FIFO" in console
-    assert any(m.startswith("pass finished") for m in console)
+    assert messages(proc.stderr) == ["skipped pipe (FIFO)"]
     assert "copied f (1 bytes)" in log.read_text(), "the log file still has everything"
+    (dst / "f").unlink()
+    os.mkdir(dst / "f")  # a folder in the way of a file...
+    (dst / "f" / "kept").write_text("excluded")  # ...holding what the rules leave alone
+    proc = cli(src, dst, 1, log, "--once", "-q", "--exclude", "kept")
+    assert proc.returncode == 1
+    said = messages(proc.stderr)
+    assert said[-1].startswith("pass finished") and said[-1].endswith("replica is NOT yet an exact mirror")
 
 
 def test_dry_run_changes_nothing_and_says_what_it_would_do(src, dst, log, cli):
@@ -159,7 +163,7 @@ def test_version_and_help(cli):
     assert version.returncode == 0 and re.fullmatch(r"sync\.py \d+\.\d+\.\d+\n", version.stdout)
     usage = cli("--help")
     assert usage.returncode == 0
-    for option in ("--once", "--dry-run", "--checksum", "--quiet", "--verbose", "Exit status"):
+    for option in ("--once", "--dry-run", "--checksum", "--quiet", "--verbose", "exit status"):
         assert option in usage.stdout
 
 
@@ -220,61 +224,97 @@ def test_help_and_version_return_from_main(capsys):
 
 
 HELP = """
-usage: sync.py [-h] [--once] [-n] [-c] [--exclude PATTERN] [--include PATTERN] [--exclude-from FILE]
-[--include-from FILE] [--delete-excluded]
-[--trash DIR] [--trash-keep DAYS] [--modify-window SECONDS] [--no-perms] [--no-links] [--no-owner] [--no-group] [--no-xattrs]
-[--no-acls] [--no-hard-links] [-i] [--allow-empty-source] [--max-delete N]
-[--allow-mass-delete] [--workers N] [-q] [-v] [--version] SOURCE REPLICA INTERVAL LOG_FILE
-Keep REPLICA an exact one-way mirror of SOURCE, re-syncing every INTERVAL seconds and logging every
-action to the console and LOG_FILE.
+usage: sync.py SOURCE REPLICA INTERVAL LOG_FILE [options]
+
+Keep REPLICA an exact one-way mirror of SOURCE, re-syncing every INTERVAL
+seconds and logging every action to the console and LOG_FILE.
+
 positional arguments:
-SOURCE folder to copy from (only read)
-REPLICA folder to make identical to SOURCE (created if missing; its parent folder must exist)
-INTERVAL seconds between the starts of two passes
-LOG_FILE file to append the log to (not inside REPLICA)
+  SOURCE                folder to copy from (only read)
+  REPLICA               folder to make identical to SOURCE (created if
+                        missing; its parent folder must exist)
+  INTERVAL              seconds between the starts of two passes
+  LOG_FILE              file to append the log to (not inside REPLICA)
+
 options:
--h, --help show this help message and exit
---once run one pass and exit: 0 exact mirror, 1 some item failed
--n, --dry-run log what would be done, change nothing
--c, --checksum also compare contents of files whose size and mtime match
---exclude PATTERN leave out paths matching PATTERN on both sides, as rsync does (repeatable): '*.tmp'
-any name, '.git/' folders only, '/cache/***' a top folder and all in it; see README
---include PATTERN keep paths matching PATTERN in: the first --include or --exclude that matches
-decides, as in rsync
---exclude-from FILE read exclude patterns from FILE, one a line (# or ; starts a comment; '+ ' and
-'- ' say the kind)
---include-from FILE read include patterns from FILE, the same way
---delete-excluded remove excluded paths from REPLICA (by default they are left alone)
---trash DIR instead of destroying what a pass deletes or overwrites, move it to DIR/<pass time>/<path>
-(DIR on REPLICA's file system)
---trash-keep DAYS with --trash, remove trash folders of passes older than DAYS
---modify-window SECONDS count mtimes this close as equal (not needed for FAT, exFAT or NTFS:
-REPLICA's time resolution is probed; an override for shares that change it)
---no-perms do not mirror permission bits (new replica entries get the source's less the umask; existing ones keep theirs)
---no-links leave symbolic links out of the mirror (for USB sticks that cannot store them); replica
-entries of their names are left alone
---no-owner do not give replica entries the source's owner (kept by default when run as root)
---no-group do not give replica entries the source's group (kept by default where allowed: any as
-root, a user's own groups otherwise)
---no-xattrs do not mirror extended attributes (user.* by default; all as root)
---no-acls do not mirror POSIX ACLs
---no-hard-links copy each name of a file with several names as a file of its own
--i, --itemize print a change code and path per change on stdout, for scripts
---allow-empty-source let an empty SOURCE empty a non-empty REPLICA (refused by default: an unmounted
-drive looks empty)
---max-delete N refuse a pass that would delete more than N entries (it changes nothing and fails);
-replaces the default guard below
---allow-mass-delete let a folder's deletions remove more than half of REPLICA, or empty a replica
-folder of more than 100 entries (refused by default: a wrong REPLICA or an unmounted drive looks like
-this)
---workers N processes that mirror separate subtrees at once (default: the number of CPUs, at most 8;
-here {workers})
--q, --quiet console shows only warnings, errors and pass summaries
--v, --verbose add debug detail
---version show program's version number and exit
-Exit status: 0 the replica is an exact mirror (or the loop was stopped by Ctrl-C/SIGTERM/SIGHUP); 1 an
-item could not be mirrored, or a safety check refused the pass (with --once); 2 bad arguments or a
-failed precondition, nothing changed.
+  -h, --help            show this help message and exit
+  --once                run one pass and exit with its status (below)
+  -n, --dry-run         log what would be done, change nothing
+  -c, --checksum        also compare contents of files whose size and mtime
+                        match
+  --exclude PATTERN     leave out paths matching PATTERN on both sides, as
+                        rsync does (repeatable): '*.tmp' any name, '.git/'
+                        folders only, '/cache/***' a top folder and all in it;
+                        see README
+  --include PATTERN     keep paths matching PATTERN in: the first --include or
+                        --exclude that matches decides, as in rsync
+  --exclude-from FILE   read exclude patterns from FILE, one a line (# or ;
+                        starts a comment; '+ ' and '- ' say the kind)
+  --include-from FILE   read include patterns from FILE, the same way
+  --delete-excluded     remove excluded paths from REPLICA (by default they
+                        are left alone)
+  --trash DIR           instead of destroying what a pass deletes or
+                        overwrites, move it to DIR/<pass time>/<path> (DIR on
+                        REPLICA's file system)
+  --trash-keep DAYS     with --trash, remove trash folders of passes older
+                        than DAYS
+  --modify-window SECONDS
+                        count mtimes this close as equal (not needed for FAT,
+                        exFAT or NTFS: REPLICA's time resolution is probed; an
+                        override for shares that change it)
+  --no-perms            do not mirror permission bits (new replica entries get
+                        the source's less the umask; existing ones keep
+                        theirs)
+  --no-links            leave symbolic links out of the mirror (for USB sticks
+                        that cannot store them); replica entries of their
+                        names are left alone
+  --no-owner            do not give replica entries the source's owner (kept
+                        by default when run as root)
+  --no-group            do not give replica entries the source's group (kept
+                        by default where allowed: any as root, a user's own
+                        groups otherwise)
+  --no-xattrs           do not mirror extended attributes (user.* by default;
+                        all as root)
+  --no-acls             do not mirror POSIX ACLs
+  --no-hard-links       copy each name of a file with several names as a file
+                        of its own
+  -i, --itemize         print a change code and path per change on stdout, for
+                        scripts
+  --allow-empty-source  let an empty SOURCE empty a non-empty REPLICA (refused
+                        by default: an unmounted drive looks empty)
+  --max-delete N        refuse a pass that would delete more than N entries
+                        (it changes nothing and fails); replaces the default
+                        guard below
+  --allow-mass-delete   let a folder's deletions remove more than half of
+                        REPLICA, or empty a replica folder of more than 100
+                        entries (refused by default: a wrong REPLICA or an
+                        unmounted drive looks like this)
+  --workers N           processes that mirror separate subtrees at once
+                        (default: the number of CPUs, at most 8; here {workers})
+  --status-file PATH    after every pass, replace PATH with the pass's outcome
+                        as JSON (or, for a name ending in .prom, as Prometheus
+                        metrics); see README
+  --fsync               flush each copied file, and each changed folder, to
+                        the disk before going on, so that a power cut leaves
+                        every replica file whole (slower)
+  -q, --quiet           console shows nothing when all is well: only warnings
+                        and errors, at most 20 a pass (LOG_FILE gets every
+                        line)
+  -v, --verbose         also log why each entry was judged current or not,
+                        moves considered, the worker split and the time of
+                        each phase
+  --version             show program's version number and exit
+
+exit status (of the last pass: --once, or a loop stopped by a signal):
+  0  REPLICA is an exact mirror of SOURCE
+  1  not exact: some items could not be mirrored (see the log), or the pass
+     was cut short
+  2  bad arguments or a failed precondition; nothing was changed
+  3  a safety check refused the pass or a folder (empty SOURCE, mass
+     deletion, --max-delete, REPLICA's drive gone); nothing there was changed
+  4  another sync.py is writing to REPLICA (a scheduled run overlapping);
+     nothing was done
+  5  internal error (a bug: please report the log lines)
 """
 
 

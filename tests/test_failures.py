@@ -147,7 +147,8 @@ def test_a_read_only_folder_moved_to_the_trash_keeps_its_mode(src, dst, tmp_path
     os.rmdir(src / "ro")
     trash = tmp_path / "trash"
     result, events = sync_once(src, dst, trash=str(trash))
-    assert result.exact and [e.action for e in events] == ["trash"]
+    assert result.exact and [(e.action, e.path) for e in events] == [("rmdir", "ro")]
+    assert events[0].trash.endswith("/ro")
     [kept] = list(trash.glob("*/ro"))
     assert stat.S_IMODE(os.stat(kept).st_mode) == 0o555 and (kept / "f").read_text() == "f"
     assert_mirror(src, dst)

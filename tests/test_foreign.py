@@ -258,7 +258,7 @@ def test_a_stick_settles_and_reports_each_name_it_cannot_hold(foreign):
     assert rc[1] == rc[0]
 
     # Pass 3: exactly the change.
-    assert sorted(changes(logs[2])) == ["moved Photos -> photos", "updated notes (17 bytes)"], \
+    assert sorted(changes(logs[2])) == ["moved photos (from Photos)", "updated notes (17 bytes)"], \
         "\n".join(messages(logs[2]))
 
     # Passes 4 and 5: the problems left out knowingly, an exact mirror of the rest, settled.

@@ -162,8 +162,9 @@ def test_a_dry_run_reports_the_metadata_changes_the_pass_then_makes(ext4):
     real, done = sync_once(src, dst)
     assert [e.text(dry_run=True) for e in planned] == [e.text(dry_run=True) for e in done]
     assert [e.text() for e in done] == [
-        "set extended attributes of d1", "set ACL of a-again.txt", "set owner 1001, group 1001 and permissions 0o4750 of prog",
-        "linked d2/prog-link to prog"]
+        "set attributes of d1 (extended attributes)", "set attributes of a-again.txt (ACL)",
+        "set attributes of prog (owner 1001, group 1001 and permissions 0o4750)",
+        "linked d2/prog-link (to prog)"]
     assert oracle(src, dst) == []
 
 

@@ -119,9 +119,12 @@ def test_deleted_and_overwritten_items_go_to_the_trash(src, dst, tmp_path):
     assert (kept / "old.txt").read_text() == "gone soon"
     assert (kept / "dir" / "inner" / "f").read_text() == "deep"
     assert os.readlink(kept / "l") == "doc.txt"
-    assert paths(events, "trash") == ["dir", "doc.txt", "l", "old.txt"]
-    trashed = ("dir", "doc.txt", "l", "old.txt")
-    assert {e.detail for e in events if e.action == "trash"} == {f"{stamp}/{p}" for p in trashed}
+    # Overwritten: kept first ("trash"); deleted: removed into the trash.
+    assert paths(events, "trash") == ["doc.txt", "l"]
+    assert {e.detail for e in events if e.action == "trash"} == {f"{stamp}/doc.txt", f"{stamp}/l"}
+    assert sorted((e.action, e.path, e.trash) for e in events if e.trash) == [
+        ("remove", "old.txt", f"{stamp}/old.txt"), ("rmdir", "dir", f"{stamp}/dir")]
+    assert result.counts["trash"] == 4
     assert_mirror(src, dst)
 
 
@@ -133,7 +136,7 @@ def test_a_file_deleted_by_mistake_can_be_restored_from_the_trash(src, dst, log,
     assert cli(src, dst, 1, log, "--once", "--trash", trash).returncode == 0
     assert not (dst / "thesis" / "chapter1.tex").exists()
     [stamp] = trash_folders(trash)
-    assert f"kept old version of thesis/chapter1.tex in trash as {stamp}/thesis/chapter1.tex" in log.read_text()
+    assert f"removed file thesis/chapter1.tex (kept in trash as {stamp}/thesis/chapter1.tex)" in log.read_text()
     shutil.copy2(trash / stamp / "thesis" / "chapter1.tex", src / "thesis")  # the rescue
     assert (src / "thesis" / "chapter1.tex").read_text() == "precious words"
 
@@ -157,7 +160,7 @@ def test_trash_with_worker_processes_uses_one_folder_per_pass(src, dst, tmp_path
     for i in range(10):
         os.unlink(src / f"d{i}" / "s1" / "f")
     result, events = sync_once(src, dst, workers=3, trash=str(trash))
-    assert result.exact and len(paths(events, "trash")) == 10
+    assert result.exact and len(paths(events, "remove")) == 10 and all(e.trash for e in events)
     [stamp] = trash_folders(trash)
     assert sorted(str(p.relative_to(trash / stamp)) for p in (trash / stamp).rglob("f")) == \
         [f"d{i}/s1/f" for i in range(10)]
@@ -201,7 +204,8 @@ class Clock:
         return self.now
 
 
-def test_progress_line_appears_after_two_seconds_and_is_rate_limited():
+def test_progress_line_appears_after_two_seconds_and_is_rate_limited(monkeypatch):
+    monkeypatch.setattr(sync._Progress, "width", lambda self: 200)
     stream, clock = io.StringIO(), Clock()
     progress = sync._Progress(stream, clock)
     copy = sync.Event("copy", "f", "1048576")
@@ -236,7 +240,8 @@ def test_progress_counts_copies_and_updates_from_the_start_of_each_pass():
     assert line == "sync.py: 0 entries checked, 2 files copied (3.0 KiB, 1.2 KiB/s), 0:02 elapsed\x1b[K"
 
 
-def test_progress_counts_the_total_only_for_long_passes_and_shows_what_is_left():
+def test_progress_counts_the_total_only_for_long_passes_and_shows_what_is_left(monkeypatch):
+    monkeypatch.setattr(sync._Progress, "width", lambda self: 200)  # the full wording
     stream, clock, calls = io.StringIO(), Clock(), []
 
     def count(stop):

@@ -102,7 +102,7 @@ def test_a_file_that_was_mode_000_gets_its_mode_back(unprivileged):
     proc = unprivileged.run(src, dst, 1, log, "--once")
     assert proc.returncode == 0, log.read_text()
     assert_mirror(src, dst)
-    assert "set permissions 0o644 of f" in log.read_text()
+    assert "set attributes of f (permissions 0o644)" in log.read_text()
     assert log.read_text().count("replica is an exact mirror\n") == 3, "nothing is said to be left out"
 
 

@@ -151,7 +151,7 @@ def test_empty_source_does_not_empty_the_replica(src, dst, log, cli):
         (src / entry).rmdir() if (src / entry).is_dir() else (src / entry).unlink()
     before = snapshot(dst)
     proc = cli(src, dst, 1, log, "--once")
-    assert proc.returncode == 1
+    assert proc.returncode == 3
     assert "SOURCE is empty but REPLICA is not: refusing to delete everything" in proc.stderr
     assert "--allow-empty-source" in proc.stderr
     assert snapshot(dst) == before
@@ -173,7 +173,7 @@ def test_max_delete_refuses_the_whole_pass(src, dst, log, cli):
     (src / "new").write_text("would be copied")
     before = snapshot(dst)
     proc = cli(src, dst, 1, log, "--once", "--max-delete", "7")
-    assert proc.returncode == 1
+    assert proc.returncode == 3
     assert ("this pass would delete 8 entries, more than the limit of 7; nothing was changed. If that "
             "many deletions are intended, run once with a higher --max-delete.") in proc.stderr
     assert snapshot(dst) == before
@@ -211,7 +211,7 @@ def test_second_instance_is_refused_and_a_killed_holder_leaves_no_stale_lock(src
     try:
         wait_for(lambda: passes_logged(log) == 1, "the first instance's first pass")
         second = run_cli(src, dst, 1, tmp_path / "second.log", "--once")
-        assert second.returncode == 2 and second.stderr.count("\n") == 1
+        assert second.returncode == 4 and second.stderr.count("\n") == 1
         assert f"REPLICA '{dst}' is locked by another sync.py (process {holder.pid})" in second.stderr
         assert cli_dry_run_allowed(src, dst, tmp_path)
     finally:
