@@ -1,6 +1,6 @@
 """sync.py: keep REPLICA an exact one-way mirror of SOURCE.
 
-    python sync.py SOURCE REPLICA INTERVAL LOG_FILE [options]
+    python3 sync.py SOURCE REPLICA INTERVAL LOG_FILE [options]
 
 What a pass guarantees
 ----------------------
