@@ -324,8 +324,9 @@ ACTIONS = {
     "clamped": Action("warning", "kept another time for {path} ({detail})", ""),
     # what REPLICA's file system was found to store, where that is not all ext4 stores (once a run)
     "probe": Action("info", "replica file system: {detail}", ""),
-    # what the options ask for but REPLICA's file system does not store (once a run)
-    "unstored": Action("warning", "REPLICA's file system does not store {detail}: they are not mirrored", ""),
+    # what the options ask for but REPLICA's file system does not store (once a
+    # run; info: the summary says it again, and -q under cron must not mail it)
+    "unstored": Action("info", "REPLICA's file system does not store {detail}: they are not mirrored", ""),
     # a pass took longer than the interval (detail: its seconds)
     "overrun": Action("warning", "the pass took {detail} s, longer than INTERVAL; starting the next one now", ""),
     "error": Action("error", "{path}: {detail}", ""),  # an item could not be mirrored
@@ -2386,7 +2387,7 @@ def _why(want: Entry, have: Optional[Entry], step: Optional[_Step], times: Times
     kind = step.kind if step else "current"
     if want.kind == LINK:
         if kind == "link":
-            return "new link: not in the replica"
+            return "not in the replica"
         if kind == "relink":
             return f"link target differs: replica has {_token(have.target)}"
         return "current: same link target" if kind == "current" else "link target equal; attributes differ"
@@ -2395,7 +2396,7 @@ def _why(want: Entry, have: Optional[Entry], step: Optional[_Step], times: Times
     if kind == "hardlinked":
         return f"a file with {want.st.st_nlink} names: handled with its other names"
     if kind == "copy":
-        return "new: not in the replica"
+        return "not in the replica"
     ws, hs = want.st, have.st
     size = f"size {ws.st_size:,}"
     mtime = times.fit(ws.st_mtime_ns)
@@ -5428,15 +5429,22 @@ class _StatusFile:
         """Replace the file; returns why it could not be written, if not."""
         import json  # here: only --status-file needs it
         text = _prometheus(fields) if self.path.endswith(".prom") else json.dumps(fields, indent=2) + "\n"
+        import tempfile  # here: only --status-file needs it
         folder, name = os.path.split(os.path.abspath(self.path))
-        temp = os.path.join(folder, f".{name}.{os.getpid()}.tmp")  # the collector skips it: no .prom
+        temp = None
         try:
-            with open(temp, "w", encoding="utf-8") as out:
+            # A new file of a random name (O_EXCL): a link planted in a shared
+            # folder cannot make root write elsewhere.  No .prom at the end:
+            # node_exporter's collector skips it.
+            fd, temp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
+            with open(fd, "w", encoding="utf-8") as out:
+                os.fchmod(fd, 0o666 & ~_umask())  # readable as a file made by open() would be
                 out.write(text)
             os.replace(temp, self.path)
         except OSError as err:
-            with contextlib.suppress(OSError):
-                os.unlink(temp)
+            if temp is not None:
+                with contextlib.suppress(OSError):
+                    os.unlink(temp)
             return _reason(err)
         return None
 

@@ -42,7 +42,7 @@ CASES = [
 ]
 
 SEVERITY = {"skip": "warning", "changed": "warning", "clamped": "warning", "overrun": "warning",
-            "unstored": "warning", "error": "error", "debug": "debug"}
+            "error": "error", "debug": "debug"}
 # Actions whose itemize code depends on the entry come with their code.
 CODES = {"attrs": sync._itemize_attrs(sync.FILE, "pao")}
 

@@ -502,3 +502,14 @@ def test_the_watchdog_is_fed_only_while_the_run_moves(monkeypatch):
     assert heart.alive(1.0)
     heart.wait(600)
     assert heart.alive(1.0)
+
+
+def test_the_status_file_is_readable_by_monitoring_and_never_writes_through_a_link(src, dst, log, tmp_path):
+    victim = tmp_path / "victim"
+    victim.write_text("precious")
+    status = tmp_path / "status.json"
+    os.symlink(victim, status)  # planted where the status file goes
+    assert run_cli(src, dst, 1, log, "--once", "--status-file", status).returncode == 0
+    assert victim.read_text() == "precious" and not status.is_symlink()
+    assert json.loads(status.read_text())["exact"] is True
+    assert os.stat(status).st_mode & 0o777 == 0o666 & ~sync._umask(), "a monitoring user may read it"
