@@ -1,6 +1,6 @@
 """Benchmark sync.py against rsync on the same trees, in the same run.
 
-    python tests/benchmark.py [--repeat N] [--root DIR] [CASE ...]
+    python3 tests/benchmark.py [--repeat N] [--root DIR] [--sync-args ARGS] [CASE ...]
 
 Trees are built deterministically on tmpfs (/dev/shm where it exists, else the
 system temp folder; the output says which), so the tools are measured and not
@@ -14,10 +14,24 @@ For each case the commands run alternately, REPEAT times each:
     rsync -aHAXS --delete SRC/ DST/      (the cases marked so: what sync.py keeps by default)
 
 and the table gives, per reference, each one's median wall time, the ratio
-sync.py / reference and each one's peak RSS.  Wall time is taken around each run; peak RSS comes from
-GNU time's %M where it is installed, else from wait4() of a child started by
-this small process (never from a fork of a large one).  This
-file is not collected by pytest: speed is a goal, never a test assertion.
+sync.py / reference, each one's median CPU time (user + system, worker
+processes and rsync's helpers included) and its ratio, and each one's peak
+RSS.
+
+Small-file cases come in tree shapes (issue 14): "uniform" (the first
+release's tree: 20 groups of folders, each folder the same size), "top"
+(a third of the files directly in 7 top-level folders, the rest nested
+below them), "deep" (a chain of 100 folders, files at every level), "wide"
+(a top level of many folders of 10 files each) and "flat" (one folder
+holding every file).  NAS cases put the replica behind ../shared/slowfs (a
+FUSE file system adding latency per request; built here when gcc and
+libfuse3 are installed, mounted afresh before every run) and also run an
+8-way parallel rsync, one per top-level entry, as a reference.
+
+Wall time is taken around each run; CPU time and peak RSS come from GNU
+time's %U, %S and %M where it is installed, else from wait4() of a child
+started by this small process (never from a fork of a large one).  This file
+is not collected by pytest: speed is a goal, never a test assertion.
 """
 
 from __future__ import annotations
@@ -25,6 +39,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
+import shlex
 import shutil
 import statistics
 import subprocess
@@ -50,6 +65,42 @@ def build_small_files(root: Path, files: int, dirs: int, max_size: int = 0) -> N
             path = folder / f"file{f:05}.dat"
             path.write_bytes(payload[:size])
             os.utime(path, (MTIME, MTIME))
+
+
+def build_shape(root: Path, shape: str, files: int, max_size: int = 0) -> None:
+    """files small files laid out as shape (see the module docstring)."""
+    if shape == "uniform":
+        build_small_files(root, files, max(1, files // 50), max_size)
+        return
+    payload = bytes(range(256)) * (max_size // 256 + 1)
+    if shape == "top":  # a third directly in 7 top folders, the rest 2 levels below them
+        folders = [root / f"top{t}" for t in range(7)]
+        nested = files - files // 3
+        folders_below = max(1, nested // 40)
+        places = [folders[i % 7] for i in range(files // 3)]
+        places += [folders[d % 7] / f"sub{d % 13:02}" / f"dir{d:05}" for d in range(folders_below)
+                   for _ in range(nested // folders_below)]
+    elif shape == "deep":  # a chain of 100 folders
+        chain, folder = [], root
+        for level in range(100):
+            folder = folder / f"level{level:03}"
+            chain.append(folder)
+        places = [chain[i % 100] for i in range(files)]
+    elif shape == "wide":  # folders of 10 files, all at the top
+        places = [root / f"dir{i // 10:05}" for i in range(files)]
+    elif shape == "flat":  # one folder holding everything
+        places = [root / "all"] * files
+    else:
+        raise ValueError(shape)
+    made = set()
+    for i, folder in enumerate(places):
+        if folder not in made:
+            folder.mkdir(parents=True, exist_ok=True)
+            made.add(folder)
+        size = (i * 104729) % (max_size + 1) if max_size else 0
+        path = folder / f"file{i:06}.dat"
+        path.write_bytes(payload[:size])
+        os.utime(path, (MTIME, MTIME))
 
 
 def copy_tree(src: Path, dst: Path) -> None:
@@ -100,11 +151,14 @@ class Case:
     starts again from a pristine copy."""
 
     def __init__(self, name, build, mutate=None, replica_from_source=True, restore=True,
-                 sync_args=(), rsync_args=(), repeat=None, references=("-a",)):
+                 sync_args=(), rsync_args=(), repeat=None, references=("-a",), nas_ms=None):
         self.name, self.build, self.mutate = name, build, mutate
         self.replica_from_source, self.restore = replica_from_source, restore
         self.sync_args, self.rsync_args, self.repeat = sync_args, rsync_args, repeat
         self.references = references  # rsync's flags, one reference command each
+        # The replica behind slowfs, this many ms per request (None: not)
+        # with an 8-way parallel rsync as a further reference.
+        self.nas_ms = nas_ms
 
 
 FIDELITY = ("-a", "-aHAXS")  # sync.py keeps owners, ACLs, xattrs, hard links and holes by default
@@ -138,31 +192,103 @@ CASES = {
     "checksum-1g": Case("--checksum no-change pass over 1 GiB (rsync -a -c)",
                         lambda s: build_large_files(s, *GIB_FILES), restore=False,
                         sync_args=("--checksum",), rsync_args=("-c",)),
+    "no-change-flat-100k": Case("no-change pass, one folder holding 100,000 empty files",
+                                lambda s: build_shape(s, "flat", 100_000), restore=False),
+    "nas-no-change-20k": Case("NAS replica (2 ms a request): no-change pass, 20,000 files, top-heavy tree",
+                              lambda s: build_shape(s, "top", 20_000, 1024), restore=False, nas_ms=2.0),
+    "nas-incremental-20k": Case("NAS replica (2 ms): 20,000 files, 1% modified, deleted, added",
+                                lambda s: build_shape(s, "top", 20_000, 1024), mutate=change_one_percent_each,
+                                nas_ms=2.0),
+    "nas-initial-5k": Case("NAS replica (0.5 ms): initial copy, 5,000 files of 0-16 KiB, top-heavy tree",
+                           lambda s: build_shape(s, "top", 5_000, 16 * 1024), replica_from_source=False,
+                           nas_ms=0.5),
     "no-change-1m": Case("no-change pass, 1,000,000 empty files in 20,000 directories (memory)",
                          lambda s: build_small_files(s, 1_000_000, 20_000), restore=False, repeat=1),
 }
 
 
-def measure(command: list[str]) -> tuple[float, int]:
-    """(wall seconds, peak RSS KiB) of one run of command."""
+SHAPED = {  # the small-file cases, each also in the other tree shapes
+    "initial-small": ("initial copy, 20,000 files of 0-16 KiB, {} tree", 20_000, 16 * 1024,
+                      dict(replica_from_source=False)),
+    "no-change-100k": ("no-change pass, 100,000 empty files, {} tree", 100_000, 0,
+                       dict(restore=False, references=FIDELITY)),
+    "incremental-100k": ("100,000 files, 1% modified, deleted, added, {} tree", 100_000, 1024,
+                         dict(mutate=change_one_percent_each, references=FIDELITY)),
+}
+for _key, (_name, _files, _size, _how) in SHAPED.items():
+    for _shape in ("top", "deep", "wide"):
+        CASES[f"{_key}-{_shape}"] = Case(_name.format(_shape),
+                                         lambda s, shape=_shape, n=_files, size=_size: build_shape(s, shape, n, size),
+                                         **_how)
+
+
+def measure(command: list[str], shell: bool = False) -> tuple[float, float, int]:
+    """(wall seconds, CPU seconds, peak RSS KiB) of one run of command
+    (CPU: user + system of it and every child it waited for)."""
     gnu_time = shutil.which("time", path="/usr/bin:/bin")
+    if shell:
+        command = ["sh", "-c", command]
     if gnu_time:
         with tempfile.NamedTemporaryFile("r") as out:
             started = time.perf_counter()
-            subprocess.run([gnu_time, "-o", out.name, "-f", "%M", *command],
+            subprocess.run([gnu_time, "-o", out.name, "-f", "%U %S %M", *command],
                            check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             wall = time.perf_counter() - started
-            return wall, int(out.read().split()[-1])
+            user, system, rss = out.read().split()[-3:]
+            return wall, float(user) + float(system), int(rss)
     started = time.perf_counter()
     proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - started
     if status:
         raise RuntimeError(f"{command} failed")
-    return wall, usage.ru_maxrss
+    return wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss
+
+
+class SlowFS:
+    """A slowfs mount of a backing folder (see ../shared/slowfs/README.md)."""
+
+    SOURCE = Path(__file__).resolve().parent.parent.parent / "shared" / "slowfs" / "slowfs.c"
+    binary = None
+
+    @classmethod
+    def available(cls) -> bool:
+        if cls.binary is None:
+            cls.binary = ""
+            if cls.SOURCE.exists() and shutil.which("gcc") and shutil.which("pkg-config") \
+                    and shutil.which("fusermount3"):
+                flags = subprocess.run(["pkg-config", "fuse3", "--cflags", "--libs"], capture_output=True,
+                                       text=True)
+                if flags.returncode == 0:
+                    out = Path(tempfile.mkdtemp(prefix="slowfs-")) / "slowfs"
+                    built = subprocess.run(["gcc", "-O2", "-o", str(out), str(cls.SOURCE), *flags.stdout.split()],
+                                           capture_output=True)
+                    cls.binary = str(out) if built.returncode == 0 else ""
+        return bool(cls.binary)
+
+    def __init__(self, backing: Path, mount: Path, delay_ms: float):
+        self.backing, self.mount, self.delay_ms = backing, mount, delay_ms
+        mount.mkdir(exist_ok=True)
+
+    def __enter__(self):
+        options = (f"delay_ms={self.delay_ms},mib_ms=10,max_threads=64,entry_timeout=1,attr_timeout=1,"
+                   "negative_timeout=0")
+        subprocess.run([self.binary, str(self.backing), str(self.mount), "-o", options], check=True)
+        return self.mount
+
+    def __exit__(self, *exc):
+        subprocess.run(["fusermount3", "-u", str(self.mount)], check=True)
+
+
+def parallel_rsync(src: Path, dst: Path) -> str:
+    """8 rsyncs at once, one per top-level entry of src (deletions at the top
+    level itself are left out: a reference for speed, not a mirror)."""
+    return (f"cd {shlex.quote(str(src))} && ls -A | xargs -d '\\n' -P 8 -I '{{}}' "
+            f"rsync -a --delete '{{}}' {shlex.quote(str(dst))}/")
 
 
 def run_case(key: str, case: Case, base: Path, repeat: int, extra_args=()) -> dict:
+    """{tool: (median wall s, median CPU s, peak RSS KiB)}"""
     work = base / key
     shutil.rmtree(work, ignore_errors=True)
     src, pristine = work / "src", work / "pristine"
@@ -185,8 +311,10 @@ def run_case(key: str, case: Case, base: Path, repeat: int, extra_args=()) -> di
         for flags in case.references:
             commands[f"rsync {flags}"] = lambda dst, flags=flags: [
                 "rsync", flags, "--delete", *case.rsync_args, f"{src}/", f"{dst}/"]
+        if case.nas_ms is not None:
+            commands["rsync -a, 8 at once"] = lambda dst: parallel_rsync(src, dst)
     samples = {tool: [] for tool in commands}
-    replicas = {tool: work / f"dst-{tool}" for tool in commands}
+    replicas = {tool: work / f"dst-{tool.replace(' ', '_')}" for tool in commands}
     for dst in replicas.values():
         dst.mkdir()
         copy_tree(pristine, dst)
@@ -197,9 +325,15 @@ def run_case(key: str, case: Case, base: Path, repeat: int, extra_args=()) -> di
                 shutil.rmtree(dst)
                 dst.mkdir()
                 copy_tree(pristine, dst)
-            samples[tool].append(measure(make_command(dst)))
+            if case.nas_ms is None:
+                samples[tool].append(measure(make_command(dst)))
+                continue
+            with SlowFS(dst, work / "nas", case.nas_ms) as mount:  # mounted afresh: cold caches
+                command = make_command(mount)
+                samples[tool].append(measure(command, shell=isinstance(command, str)))
     shutil.rmtree(work)
-    return {tool: (statistics.median(w for w, _ in s), max(m for _, m in s)) for tool, s in samples.items()}
+    return {tool: (statistics.median(w for w, _, _ in s), statistics.median(c for _, c, _ in s),
+                   max(m for _, _, m in s)) for tool, s in samples.items()}
 
 
 def main() -> None:
@@ -218,18 +352,26 @@ def main() -> None:
     where = fs_type or "unknown file system"
     print(f"trees under {base} ({where}); {args.repeat} runs each; Python {sys.version.split()[0]}; {rsync}; "
           f"{os.cpu_count()} CPUs; sync.py options: {args.sync_args or '(defaults)'}")
-    print("| case | reference | sync.py median s | reference median s | ratio | sync.py peak RSS MiB "
-          "| reference peak RSS MiB |")
-    print("|---|---|---:|---:|---:|---:|---:|")
+    print("| case | reference | sync.py median s | reference median s | ratio | sync.py CPU s "
+          "| reference CPU s | CPU ratio | sync.py peak RSS MiB | reference peak RSS MiB |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     try:
         for key in args.cases or CASES:
-            result = run_case(key, CASES[key], base, args.repeat, args.sync_args.split())
+            case = CASES[key]
+            if case.nas_ms is not None and not SlowFS.available():
+                print(f"| {key} | skipped: slowfs needs gcc, pkg-config, libfuse3-dev and fusermount3 |", flush=True)
+                continue
+            result = run_case(key, case, base, args.repeat, args.sync_args.split())
             ours = result.pop("sync.py")
             if not result:
-                print(f"| {key} | - | {ours[0]:.3f} | - | - | {ours[1] / 1024:.1f} | - |", flush=True)
+                print(f"| {key} | - | {ours[0]:.3f} | - | - | {ours[1]:.2f} | - | - | {ours[2] / 1024:.1f} | - |",
+                      flush=True)
             for reference, theirs in result.items():
-                print(f"| {key}: {CASES[key].name} | {reference} --delete | {ours[0]:.3f} | {theirs[0]:.3f} | "
-                      f"{ours[0] / theirs[0]:.2f} | {ours[1] / 1024:.1f} | {theirs[1] / 1024:.1f} |", flush=True)
+                said = reference if reference.endswith("at once") else f"{reference} --delete"
+                print(f"| {key}: {case.name} | {said} | {ours[0]:.3f} | {theirs[0]:.3f} | "
+                      f"{ours[0] / theirs[0]:.2f} | {ours[1]:.2f} | {theirs[1]:.2f} | "
+                      f"{ours[1] / theirs[1] if theirs[1] else float('nan'):.2f} | "
+                      f"{ours[2] / 1024:.1f} | {theirs[2] / 1024:.1f} |", flush=True)
     finally:
         shutil.rmtree(base, ignore_errors=True)
 
