@@ -2952,9 +2952,13 @@ class _Walk:
 
     # -- reporting
 
-    def emit(self, action: str, rel: str, detail: str = "") -> None:
+    def emit(self, action: str, rel: str, detail: str = "", trash: str = "") -> None:
+        """Count and report one action (trash: where the entry went instead
+        of being destroyed, counted as kept in trash too)."""
         self.result.counts[action] += 1
-        self.report(Event(action, rel, detail))
+        if trash:
+            self.result.counts["trash"] += 1
+        self.report(Event(action, rel, detail, trash=trash))
 
     def fail(self, rel: str, what: str, err: BaseException) -> None:
         self.error(rel, f"cannot {what}: {_reason(err)}")
@@ -3789,11 +3793,10 @@ class _Walk:
             return False
         if keep:
             self.emit("trash", rel, where)
+        elif have.kind == DIR:
+            self.emit("rmdir", rel, trash=where)
         else:
-            self.result.counts["trash"] += 1
-            action, kind = ("rmdir", "") if have.kind == DIR else ("remove", have.kind)
-            self.result.counts[action] += 1
-            self.report(Event(action, rel, kind, trash=where or "-"))
+            self.emit("remove", rel, have.kind, trash=where)
         return True
 
     def prune_trash(self) -> None:
@@ -4129,11 +4132,12 @@ def _count_deletions(roots: "_Roots", options: Options, should_stop, work: "_Wal
     limit changes nothing at all."""
     if options.max_delete is None or options.dry_run:
         return None
-    probe = _Walk(dataclasses.replace(options, dry_run=True, max_delete=None, allow_mass_delete=True,
-                                      explain=False),
-                  _ignore, should_stop)
-    probe.stores = work.stores
-    probe.run(roots)
+    with work.phase("count of deletions (--max-delete)"):
+        probe = _Walk(dataclasses.replace(options, dry_run=True, max_delete=None, allow_mass_delete=True,
+                                          explain=False),
+                      _ignore, should_stop)
+        probe.stores = work.stores
+        probe.run(roots)
     return probe.deleted
 
 
@@ -4687,9 +4691,7 @@ class Mirror:
                         work.emit("probe", "", stores.describe())
                     if work.result.unstored:
                         work.emit("unstored", "", _and(work.result.unstored))
-                with work.phase("count of deletions (--max-delete)") if options.max_delete is not None \
-                        else contextlib.nullcontext():
-                    would_delete = _count_deletions(roots, options, work.should_stop, work)
+                would_delete = _count_deletions(roots, options, work.should_stop, work)
                 if would_delete is not None and would_delete > options.max_delete:
                     work.refuse("", f"this pass would delete {would_delete} entries, more than the "
                                     f"limit of {options.max_delete}; nothing was changed.", "max_delete")
