@@ -5266,7 +5266,8 @@ def _build_parser() -> argparse.ArgumentParser:
                              "going on, so that a power cut leaves every replica file whole (slower)")
     parser.add_argument("-q", "--quiet", action="store_true",
                         help="console shows nothing when all is well: only warnings and errors, "
-                             f"at most {_QuietFilter.LIMIT} a pass (LOG_FILE gets every line)")
+                             f"at most {_QuietFilter.LIMIT} a pass, and the summary of a pass that "
+                             "failed (LOG_FILE gets every line)")
     parser.add_argument("-v", "--verbose", action="store_true",
                         help="also log why each entry was judged current or not, moves considered, "
                              "the worker split and the time of each phase")
@@ -5429,9 +5430,9 @@ class _StatusFile:
 
     def write(self, fields: dict) -> Optional[str]:
         """Replace the file; returns why it could not be written, if not."""
-        import json  # here: only --status-file needs it
+        import json  # here: only --status-file needs them
+        import tempfile
         text = _prometheus(fields) if self.path.endswith(".prom") else json.dumps(fields, indent=2) + "\n"
-        import tempfile  # here: only --status-file needs it
         folder, name = os.path.split(os.path.abspath(self.path))
         temp = None
         try:
@@ -5490,7 +5491,7 @@ class _Notifier:
         self.sock = None
         self.watchdog = None  # seconds systemd waits for a ping, when it watches
         address = environ.get("NOTIFY_SOCKET", "")
-        if not address or not hasattr(os, "fork"):
+        if not address or os.name != "posix":  # systemd's socket is a Unix one
             return
         import socket  # here: only a run under systemd needs it
         if address.startswith("@"):  # an abstract socket
@@ -5665,7 +5666,11 @@ class _Reporter:
                 "msg": f"{held:,} more warnings and errors of this pass are in LOG_FILE "
                        f"{_show(self.args.log_file)}", "always": True}))
         summary = result.summary(self.args.dry_run)
-        self.log(logging.WARNING if result.errors else logging.INFO, summary, always=bool(result.errors))
+        # A pass that ends not exact (but for a stop asked for) is a problem
+        # even without errors (a file changed or vanished while copied): its
+        # summary shows even with --quiet, so cron's mail says why it failed.
+        failed = result.errors or not (result.exact or result.interrupted or self.args.dry_run)
+        self.log(logging.WARNING if failed else logging.INFO, summary, always=bool(failed))
         self.warned |= self.warned_now
         self.warned_now = set()
         self.notifier.send(f"STATUS={summary}")

@@ -298,8 +298,8 @@ options:
                         the disk before going on, so that a power cut leaves
                         every replica file whole (slower)
   -q, --quiet           console shows nothing when all is well: only warnings
-                        and errors, at most 20 a pass (LOG_FILE gets every
-                        line)
+                        and errors, at most 20 a pass, and the summary of a
+                        pass that failed (LOG_FILE gets every line)
   -v, --verbose         also log why each entry was judged current or not,
                         moves considered, the worker split and the time of
                         each phase
