@@ -1,0 +1,78 @@
+"""A REPLICA slow to answer (a NAS): the probe tells it by the time a file
+takes to create and remove, and then every file's copy runs in a pool of
+threads so that the waits overlap, with the same result and the same log
+order as one file at a time."""
+
+import os
+
+import pytest
+
+import sync
+from trees import assert_mirror, make_tree
+
+
+def test_the_probe_tells_a_slow_replica_from_a_local_disk(tmp_path):
+    folder = os.open(tmp_path, os.O_RDONLY) if sync._DIR_FD else str(tmp_path)
+    try:
+        ticks = iter(range(100))
+        assert sync._probe_latency(folder, clock=lambda: next(ticks) * 0.001) == 0.001  # 1 ms each
+        ticks = iter(range(100))
+        assert sync._probe_latency(folder, clock=lambda: next(ticks) * 0.00001) == 0.0  # 10 us each
+        assert os.listdir(tmp_path) == [], "nothing left behind"
+        assert sync._probe_latency(folder) == 0.0, "this machine's disk is not a NAS"
+    finally:
+        if sync._DIR_FD:
+            os.close(folder)
+
+
+def test_a_slow_replica_is_named_in_the_probe_line():
+    said = sync.Stores(kind="nfs4", latency=0.0029).describe()
+    assert said == "nfs4, times 1 ns, slow requests (2.9 ms to create and remove a file: files are copied 16 at once)"
+
+
+def run(src, dst, trash, latency, monkeypatch):
+    """Two passes (a first copy, then updates, removals and a rename) with
+    REPLICA's probe answer preset; the events of each and the thread pools made."""
+    pools = []
+    real_pool = sync.ThreadPoolExecutor
+
+    def counting_pool(threads, **kwargs):
+        pools.append(threads)
+        return real_pool(threads, **kwargs)
+
+    monkeypatch.setattr(sync, "ThreadPoolExecutor", counting_pool)
+    mirror = sync.Mirror(src, dst, sync.Options(trash=str(trash)))
+    mirror.check(create=True)
+    mirror.stores = sync.Stores(latency=latency)  # as the probe would find it
+    passes = []
+    for change in (None, "edit"):
+        if change:
+            for i in range(0, 300, 7):
+                (src / "many" / f"f{i:03}").write_text(f"new {i}")
+            (src / "many" / "f001").unlink()
+            os.rename(src / "d", src / "d-renamed")
+        events = []
+        result = mirror.run_pass(events.append)
+        assert result.exact, result.summary()
+        # Without the trash folder's name, which is the time of the pass.
+        passes.append([e._replace(trash=e.trash.split("/", 1)[-1],
+                                  detail=e.detail.split("/", 1)[-1] if e.action == "trash" else e.detail)
+                       for e in events])
+    monkeypatch.undo()
+    return passes, pools
+
+
+def test_files_copied_in_threads_give_the_same_replica_and_the_same_events_in_order(tmp_path, monkeypatch):
+    tree = {"many": {f"f{i:03}": f"content {i}" * (i % 5) for i in range(300)},  # more than PENDING_LIMIT
+            "d": {"a": "a", "b": "b" * 5000}, "big.bin": os.urandom(2 << 20)}
+    results = {}
+    for latency in (0.0, 0.002):
+        src, dst = tmp_path / f"src{latency}", tmp_path / f"dst{latency}"
+        make_tree(src, tree)
+        results[latency] = run(src, dst, tmp_path / f"trash{latency}", latency, monkeypatch)
+        assert_mirror(src, dst)
+    (one_at_a_time, pools_local), (overlapped, pools_slow) = results[0.0], results[0.002]
+    assert overlapped == one_at_a_time
+    assert pools_local == [sync.LARGE_FILE_THREADS], "locally only the large file (first pass) goes to threads"
+    assert pools_slow == [sync.LATENCY_THREADS] * 2
+    assert len([e for e in overlapped[0] if e.action == "copy"]) == 303
