@@ -167,6 +167,12 @@ LARGE_FILE_THREADS = 4
 # instead of 23 s).
 SLOW_REQUEST = 0.0005
 LATENCY_THREADS = 16
+# Kernel file systems on a local disk (or in memory) are never timed: their
+# requests do not wait on a network, and on a busy machine the timing alone
+# once judged a local ext4 slow.  FUSE, network and unknown types are timed.
+LOCAL_KINDS = frozenset({
+    "ext2", "ext3", "ext4", "xfs", "btrfs", "f2fs", "jfs", "reiserfs", "nilfs2", "bcachefs",
+    "zfs", "tmpfs", "ramfs", "overlay", "vfat", "msdos", "exfat", "ntfs3", "hfsplus", "udf"})
 # File work queued in one folder before the walk waits for it (bounds the
 # memory a folder of many files needs while its copies run in threads).
 PENDING_LIMIT = 256
@@ -1363,7 +1369,8 @@ def _probe_latency(pd, clock=time.perf_counter) -> float:
 def _probe_replica(dd, kind: str = "") -> Stores:
     """Learn what the file system of directory dd (of type kind) stores:
     names (see _probe_names), symbolic links, times (see _probe_times),
-    permission bits, owners, extended attributes, ACLs and hard links,
+    permission bits, owners, extended attributes, ACLs and hard links, and
+    (unless kind is in LOCAL_KINDS) how slow a request is (_probe_latency),
     tried in a temporary folder made there and removed (dd keeps its
     times).  What the probe cannot try counts as stored: a real failure
     is then reported where it happens."""
@@ -1376,7 +1383,8 @@ def _probe_replica(dd, kind: str = "") -> Stores:
     pd = None
     try:
         pd = _open_dir(dd, os.path.basename(path))
-        found["latency"] = _probe_latency(pd)
+        if kind not in LOCAL_KINDS:
+            found["latency"] = _probe_latency(pd)
         found["names"] = _probe_names(pd)
         found["links"] = _probe_symlinks(pd)
         found["times"] = _probe_times(pd)
