@@ -91,9 +91,7 @@ import dataclasses
 import errno
 import functools
 import logging
-import logging.handlers
 import math
-import mmap
 import os
 import itertools
 import re
@@ -105,7 +103,6 @@ import sys
 import threading
 import time
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable, NamedTuple, Optional
 
@@ -2757,6 +2754,7 @@ class _Changes:
         if large or self.overlap:
             if self.pool is None:
                 threads = LATENCY_THREADS if self.overlap else LARGE_FILE_THREADS
+                from concurrent.futures import ThreadPoolExecutor  # here: 10 ms a start, for few passes
                 self.pool = ThreadPoolExecutor(threads, thread_name_prefix="sync")
             return self.pool.submit(fn, *args)
         return _Done(fn(*args))
@@ -4019,6 +4017,7 @@ class _FanOut:
         self.main, self.tasks = main, tasks
         # Shared with the workers: 1 asks them to stop after the current
         # item, 2 to stop at once (abandoning a copy mid-file).
+        import mmap  # here: only passes that fan out need it
         self.stop_flag = mmap.mmap(-1, 1)
         self.connection = None  # the multiprocessing.connection module, once run() imports it
         self.workers = []
@@ -4873,17 +4872,36 @@ class _ReportOnce:
             pass  # stderr itself is gone: there is nowhere left to say it
 
 
-class _LogFile(_ReportOnce, logging.handlers.WatchedFileHandler):
+class _LogFile(_ReportOnce, logging.FileHandler):
     """Appends UTF-8; reopens the file when logrotate moves it away (checked
-    before every line, so no line goes to a file that rotation has taken)."""
+    before every line, so no line goes to a file that rotation has taken).
+    logging.handlers.WatchedFileHandler does the same, but importing its
+    module (socket, pickle, queue) took a tenth of sync.py's start-up."""
 
     def emit(self, record):
         try:
-            if os.name == "posix":
-                self.reopenIfNeeded()
+            if self.stream is not None and os.name == "posix" and self.moved():
+                self.stream.close()
+                self.stream = None
+            if self.stream is None:
+                self.stream = self._open()
+                st = os.fstat(self.stream.fileno())
+                self.identity = st.st_dev, st.st_ino
             logging.FileHandler.emit(self, record)
-        except Exception:  # an error in reopening escapes WatchedFileHandler
+        except Exception:  # reopening is not guarded by logging's own emit
             self.handleError(record)
+
+    identity = None  # (device, inode) of the file the stream writes to
+
+    def moved(self) -> bool:
+        if self.identity is None:
+            st = os.fstat(self.stream.fileno())
+            self.identity = st.st_dev, st.st_ino
+        try:
+            st = os.stat(self.baseFilename)
+        except FileNotFoundError:
+            return True
+        return (st.st_dev, st.st_ino) != self.identity
 
 
 class _Console(_ReportOnce, logging.StreamHandler):

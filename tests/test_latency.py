@@ -3,6 +3,7 @@ takes to create and remove, and then every file's copy runs in a pool of
 threads so that the waits overlap, with the same result and the same log
 order as one file at a time."""
 
+import concurrent.futures
 import os
 
 import pytest
@@ -48,13 +49,13 @@ def run(src, dst, trash, latency, monkeypatch):
     """Two passes (a first copy, then updates, removals and a rename) with
     REPLICA's probe answer preset; the events of each and the thread pools made."""
     pools = []
-    real_pool = sync.ThreadPoolExecutor
+    real_pool = concurrent.futures.ThreadPoolExecutor
 
     def counting_pool(threads, **kwargs):
         pools.append(threads)
         return real_pool(threads, **kwargs)
 
-    monkeypatch.setattr(sync, "ThreadPoolExecutor", counting_pool)
+    monkeypatch.setattr(concurrent.futures, "ThreadPoolExecutor", counting_pool)  # sync imports it late
     mirror = sync.Mirror(src, dst, sync.Options(trash=str(trash)))
     mirror.check(create=True)
     mirror.stores = sync.Stores(latency=latency)  # as the probe would find it
