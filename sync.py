@@ -3142,38 +3142,57 @@ class _Walk:
     def walk_split(self, root: _Frame) -> None:
         """Walk the top levels here, breadth first, until they hold enough
         subtrees to keep the workers busy; hand those to worker processes
-        (_FanOut); then finish the top levels, deepest first, once all are done."""
+        (_FanOut).  The top levels' own events are held, and each folder
+        among them is finished once the subtrees below it are done, so that
+        the log reads as one process walking depth first (see _Order)."""
         entered, level, tasks = [], [root], []
-        completed = False
+        held, below = {}, {}  # frame -> its own events; frame -> the subfolders it returned
+        report, completed = self.report, False
         try:
             for _ in range(SPLIT_MAX_DEPTH):
                 tasks = []
                 for frame in level:
-                    children = self.try_enter(frame)
+                    held[frame] = []
+                    if frame is not root:  # the root's events come first: they go out at once
+                        self.report = held[frame].append
+                    try:
+                        children = self.try_enter(frame)
+                    finally:
+                        self.report = report
+                    below[frame] = children
                     if children is not None:
                         entered.append(frame)
                         tasks.extend(children)
                 if len(tasks) >= SPLIT_MIN_TASKS * self.options.workers or not tasks:
                     break
                 level = tasks
+            order = _Order(self, _Order.sequence(root, held, below, tasks))
             if len(tasks) > 1 and not self.stopping():
                 self.explain("", f"worker split: {len(tasks):,} folders at depth {tasks[0].rel.count('/') + 1} "
                                  f"handed to {min(self.options.workers, len(tasks))} worker processes "
                                  f"after {len(entered):,} folders walked here")
                 self.do.stop_threads()  # no threads may be running across a fork
-                _FanOut(self, tasks).run()
-            else:
-                for task in tasks:
-                    self.walk(task)
+                _FanOut(self, tasks, order).run()
+            for index, task in enumerate(tasks):
+                if index not in order.done:  # walked here: no worker took it, or there are none
+                    self.walk_in_order(task, order, index)
             completed = True
         finally:
+            self.report = report
             if not completed:
                 self.do.stop_threads()
-            for frame in reversed(entered):
-                if completed:
-                    self.finish(frame)
-                else:
+                for frame in reversed(entered):
                     self.close(frame)
+
+    def walk_in_order(self, frame: _Frame, order: "_Order", index: int) -> None:
+        """walk() task index here, its events reported through order."""
+        report = self.report
+        self.report = lambda event: order.add(index, [event], False)
+        try:
+            self.walk(frame)
+        finally:
+            self.report = report
+        order.add(index, [], True)
 
     def worker_pass(self, report, should_stop, abort) -> "_Walk":
         """A fresh walk for a worker process: its own results and callbacks,
@@ -3999,11 +4018,62 @@ class _Worker:
         self.checked = 0  # source entries it has examined
 
 
+class _Order:
+    """The events of a split walk, reported in the order one process walking
+    depth first gives.  The sequence lists, in that order, what is reported:
+    ("events", list), the held events of a folder the main process entered;
+    ("task", index), a subtree's events, as they arrive (a later task's wait
+    until every item before it is done); ("finish", frame), a folder the main
+    process entered, finished once everything below it is done."""
+
+    def __init__(self, walk: _Walk, sequence: list):
+        self.walk, self.sequence = walk, sequence
+        self.position = 0  # the item being reported
+        self.held = {}  # task index -> its events not reported yet
+        self.done = set()  # task indexes whose subtree is walked
+
+    @staticmethod
+    def sequence(root: _Frame, held: dict, below: dict, tasks: list) -> list:
+        index = {id(task): i for i, task in enumerate(tasks)}
+        sequence, stack = [], [root]
+        while stack:  # depth first: a folder, what is below it, its finish
+            frame = stack.pop()
+            if isinstance(frame, tuple):
+                sequence.append(frame)
+                continue
+            sequence.append(("events", held.pop(frame)))
+            if below[frame] is not None:  # entered: finished after what is below it
+                stack.append(("finish", frame))
+            stack.extend(("task", index[id(child)]) if id(child) in index else child
+                         for child in reversed(below[frame] or ()))
+        return sequence
+
+    def add(self, task: int, events: list, finished: bool) -> None:
+        """Events of a task; finished: its subtree is done."""
+        self.held.setdefault(task, []).extend(events)
+        if finished:
+            self.done.add(task)
+        walk, sequence = self.walk, self.sequence
+        while self.position < len(sequence):
+            what, item = sequence[self.position]
+            if what == "events":
+                for event in item:
+                    walk.report(event)
+            elif what == "task":
+                for event in self.held.pop(item, ()):
+                    walk.report(event)
+                if item not in self.done:
+                    return
+            else:
+                walk.finish(item)
+            self.position += 1
+
+
 class _FanOut:
     """Subtrees (frames whose parents the main process holds open) walked by
     forked worker processes, handed out one index at a time.  Each worker
     walks with a fresh pass of its own and streams its events back over a
-    multiprocessing Pipe; the parent reports them in task order, as one
+    multiprocessing Pipe; the parent reports them through an _Order, as one
     process would have, and adds up the workers' shares.
 
     Messages, worker to parent: ("events", task, [Event], checked),
@@ -4013,8 +4083,8 @@ class _FanOut:
 
     BATCH = 256  # events per message
 
-    def __init__(self, main: _Walk, tasks: list):
-        self.main, self.tasks = main, tasks
+    def __init__(self, main: _Walk, tasks: list, order: _Order):
+        self.main, self.tasks, self.order = main, tasks, order
         # Shared with the workers: 1 asks them to stop after the current
         # item, 2 to stop at once (abandoning a copy mid-file).
         import mmap  # here: only passes that fan out need it
@@ -4022,9 +4092,6 @@ class _FanOut:
         self.connection = None  # the multiprocessing.connection module, once run() imports it
         self.workers = []
         self.handed = 0  # tasks handed out so far
-        self.reported = 0  # the task whose events are being reported
-        self.held = {}  # task -> events not reported yet (tasks after the current one)
-        self.done = set()  # tasks whose worker said "done"
 
     def run(self) -> None:
         # Imported here: it takes 25 ms, a tenth of the start-up of a small
@@ -4098,20 +4165,6 @@ class _FanOut:
             return
         self.handed += w.task >= 0
 
-    def forward(self, index: int, events: list, finished: bool) -> None:
-        """Events of the task being reported go out at once; those of later
-        tasks wait until every task before them is done."""
-        self.held.setdefault(index, []).extend(events)
-        if finished:
-            self.done.add(index)
-        while self.reported in self.held:
-            for event in self.held.pop(self.reported):
-                self.main.report(event)
-            if self.reported not in self.done:
-                self.held[self.reported] = []
-                break
-            self.reported += 1
-
     def collect(self) -> None:
         """The parent's side: hand out tasks, merge what comes back."""
         main = self.main
@@ -4129,14 +4182,14 @@ class _FanOut:
                         main.error("", f"worker process {w.pid} ended unexpectedly; "
                                        "the next pass retries what it had not done")
                         if w.task is not None and w.task >= 0:
-                            self.forward(w.task, [], True)
+                            self.order.add(w.task, [], True)
                     continue
                 kind = message[0]
                 if kind == "share":
                     main.add(message[1])
                     w.finished = True
                     continue
-                self.forward(message[1], message[2], kind == "done")
+                self.order.add(message[1], message[2], kind == "done")
                 w.checked = message[3]
                 if main.progress is not None:
                     main.progress(main.result.checked + sum(x.checked for x in self.workers))
@@ -4145,8 +4198,6 @@ class _FanOut:
             if main.stopping():
                 self.stop_flag[0] = 2 if main.abort() else max(self.stop_flag[0], 1)
         main.result.checked += sum(w.checked for w in self.workers)
-        for index in range(self.handed, len(self.tasks)):  # left by workers that died
-            main.walk(self.tasks[index])
 
 
 # ------------------------------------------------------------ run_pass, the loop --

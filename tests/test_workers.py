@@ -39,6 +39,31 @@ def test_workers_give_the_same_events_in_the_same_order(tmp_path):
     assert len(results[3][0][3]) == 12 * (1 + 3 * 6) + 1  # every action reported once
 
 
+def test_the_order_holds_when_the_split_goes_below_the_top_level(tmp_path):
+    # Two top folders hold too few subtrees for three workers: the main
+    # process enters them (and the split goes one level down) while their
+    # own events, and their finish, must still come where one process
+    # walking depth first puts them.
+    tree = {top: {"own.txt": top, **{f"sub{s:02}": {f"f{f}": f"{top}{s}{f}" for f in range(3)}
+                                     for s in range(10)}} for top in ("a", "b")}
+    results = {}
+    for workers in (1, 3):
+        src, dst = tmp_path / f"src{workers}", tmp_path / f"dst{workers}"
+        make_tree(src, tree)
+        first = sync_once(src, dst, workers=workers)
+        for top in ("a", "b"):
+            (src / top / "own.txt").write_text("changed")
+            (src / top / "sub05" / "f1").write_text("changed")
+            os.chmod(src / top, 0o750)  # reported when the folder is finished
+        second = sync_once(src, dst, workers=workers)
+        assert second[0].exact
+        assert_mirror(src, dst)
+        results[workers] = [[(e.action, e.path, e.detail) for e in events] for _, events in (first, second)]
+    assert results[3] == results[1]
+    paths = [path for _, path, _ in results[3][1]]
+    assert paths == ["a/own.txt", "a/sub05/f1", "a", "b/own.txt", "b/sub05/f1", "b"]
+
+
 def test_a_worker_that_dies_costs_only_its_own_work(src, dst, monkeypatch):
     make_tree(src, TREE)
     real_serve = sync._FanOut.serve
