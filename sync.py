@@ -4028,6 +4028,7 @@ class _Order:
 
     def __init__(self, walk: _Walk, sequence: list):
         self.walk, self.sequence = walk, sequence
+        self.report = walk.report  # the walk's own (a task walked here reports through add())
         self.position = 0  # the item being reported
         self.held = {}  # task index -> its events not reported yet
         self.done = set()  # task indexes whose subtree is walked
@@ -4053,19 +4054,25 @@ class _Order:
         self.held.setdefault(task, []).extend(events)
         if finished:
             self.done.add(task)
-        walk, sequence = self.walk, self.sequence
+        walk, sequence, report = self.walk, self.sequence, self.report
         while self.position < len(sequence):
             what, item = sequence[self.position]
             if what == "events":
+                self.position += 1  # first: a report that raises must not repeat these
                 for event in item:
-                    walk.report(event)
-            elif what == "task":
+                    report(event)
+                continue
+            if what == "task":
                 for event in self.held.pop(item, ()):
-                    walk.report(event)
+                    report(event)
                 if item not in self.done:
                     return
             else:
-                walk.finish(item)
+                reporting, walk.report = walk.report, report
+                try:
+                    walk.finish(item)
+                finally:
+                    walk.report = reporting
             self.position += 1
 
 

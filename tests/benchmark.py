@@ -103,6 +103,13 @@ def build_shape(root: Path, shape: str, files: int, max_size: int = 0) -> None:
         os.utime(path, (MTIME, MTIME))
 
 
+def cache_bytecode() -> None:
+    """Write sync.py's bytecode where an import looks for it (as installing does)."""
+    import importlib.util
+    import py_compile
+    py_compile.compile(SYNC_PY, cfile=importlib.util.cache_from_source(SYNC_PY), doraise=True)
+
+
 def copy_tree(src: Path, dst: Path) -> None:
     subprocess.run(["cp", "-a", f"{src}/.", str(dst)], check=True)
 
@@ -151,7 +158,7 @@ class Case:
     starts again from a pristine copy."""
 
     def __init__(self, name, build, mutate=None, replica_from_source=True, restore=True,
-                 sync_args=(), rsync_args=(), repeat=None, references=("-a",), nas_ms=None):
+                 sync_args=(), rsync_args=(), repeat=None, references=("-a",), nas_ms=None, others=None):
         self.name, self.build, self.mutate = name, build, mutate
         self.replica_from_source, self.restore = replica_from_source, restore
         self.sync_args, self.rsync_args, self.repeat = sync_args, rsync_args, repeat
@@ -159,6 +166,8 @@ class Case:
         # The replica behind slowfs, this many ms per request (None: not)
         # with an 8-way parallel rsync as a further reference.
         self.nas_ms = nas_ms
+        # Further references: {name: a function of the replica giving a command}.
+        self.others = others or {}
 
 
 FIDELITY = ("-a", "-aHAXS")  # sync.py keeps owners, ACLs, xattrs, hard links and holes by default
@@ -202,6 +211,15 @@ CASES = {
     "nas-initial-5k": Case("NAS replica (0.5 ms): initial copy, 5,000 files of 0-16 KiB, top-heavy tree",
                            lambda s: build_shape(s, "top", 5_000, 16 * 1024), replica_from_source=False,
                            nas_ms=0.5),
+    # Start-up: the goal is at most twice a bare interpreter's start.  Run as
+    # a script, sync.py is compiled at every start; imported (the installed
+    # command), its cached bytecode is used.
+    "startup": Case("--once over an empty tree", lambda s: cache_bytecode(), restore=False, repeat=21, references=(),
+                    others={"python3 -c pass": lambda dst: [sys.executable, "-c", "pass"],
+                            "imported, bytecode cached": lambda dst: [
+                                sys.executable, "-c", "import sys; sys.path.insert(0, sys.argv.pop(1)); "
+                                "import sync; sys.exit(sync.main(sys.argv[1:]))", str(Path(SYNC_PY).parent),
+                                str(dst.parent / "src"), str(dst), "1", str(dst.parent / "sync.log"), "--once", "-q"]}),
     "no-change-1m": Case("no-change pass, 1,000,000 empty files in 20,000 directories (memory)",
                          lambda s: build_small_files(s, 1_000_000, 20_000), restore=False, repeat=1),
 }
@@ -313,6 +331,7 @@ def run_case(key: str, case: Case, base: Path, repeat: int, extra_args=()) -> di
                 "rsync", flags, "--delete", *case.rsync_args, f"{src}/", f"{dst}/"]
         if case.nas_ms is not None:
             commands["rsync -a, 8 at once"] = lambda dst: parallel_rsync(src, dst)
+    commands.update(case.others)
     samples = {tool: [] for tool in commands}
     replicas = {tool: work / f"dst-{tool.replace(' ', '_')}" for tool in commands}
     for dst in replicas.values():

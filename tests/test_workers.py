@@ -64,6 +64,24 @@ def test_the_order_holds_when_the_split_goes_below_the_top_level(tmp_path):
     assert paths == ["a/own.txt", "a/sub05/f1", "a", "b/own.txt", "b/sub05/f1", "b"]
 
 
+def test_the_order_holds_in_a_chain_too_deep_to_split(tmp_path):
+    # Each folder holds one subfolder: the main process walks the whole
+    # split depth and then the one subtree left, in order, itself.
+    chain = leaf = {}
+    for level in range(sync.SPLIT_MAX_DEPTH + 3):
+        leaf[f"file{level}"] = str(level)
+        leaf = leaf.setdefault(f"level{level}", {})
+    results = {}
+    for workers in (1, 3):
+        src, dst = tmp_path / f"src{workers}", tmp_path / f"dst{workers}"
+        make_tree(src, chain)
+        result, events = sync_once(src, dst, workers=workers)
+        assert result.exact
+        assert_mirror(src, dst)
+        results[workers] = [(e.action, e.path) for e in events]
+    assert results[3] == results[1]
+
+
 def test_a_worker_that_dies_costs_only_its_own_work(src, dst, monkeypatch):
     make_tree(src, TREE)
     real_serve = sync._FanOut.serve
