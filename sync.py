@@ -149,7 +149,7 @@ MAX_WAIT = 3600.0  # the loop sleeps in steps of at most this (a clock limit, no
 # a pass is mostly system calls of a microsecond each, and threads spend
 # more handing the GIL around such calls than they win.
 DEFAULT_WORKERS = max(1, min(os.cpu_count() or 1, 8))
-SPLIT_MIN_TASKS = 4  # subtrees per worker before the tree is split among workers
+SPLIT_MIN_TASKS = 2  # subtrees per worker before the tree is split among workers
 SPLIT_MAX_DEPTH = 6  # levels the main process walks looking for them
 _CAN_FORK = hasattr(os, "fork") and sys.platform != "darwin"  # fork is unsafe on macOS
 # Threads do pay where one system call moves much data and releases the GIL
