@@ -3176,6 +3176,7 @@ class _Walk:
             for index, task in enumerate(tasks):
                 if index not in order.done:  # walked here: no worker took it, or there are none
                     self.walk_in_order(task, order, index)
+            order.advance()  # the rest: where there were no tasks at all, everything
             completed = True
         finally:
             self.report = report
@@ -4054,6 +4055,10 @@ class _Order:
         self.held.setdefault(task, []).extend(events)
         if finished:
             self.done.add(task)
+        self.advance()
+
+    def advance(self) -> None:
+        """Report what can be reported: up to the first task not done."""
         walk, sequence, report = self.walk, self.sequence, self.report
         while self.position < len(sequence):
             what, item = sequence[self.position]

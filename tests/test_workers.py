@@ -64,11 +64,12 @@ def test_the_order_holds_when_the_split_goes_below_the_top_level(tmp_path):
     assert paths == ["a/own.txt", "a/sub05/f1", "a", "b/own.txt", "b/sub05/f1", "b"]
 
 
-def test_the_order_holds_in_a_chain_too_deep_to_split(tmp_path):
-    # Each folder holds one subfolder: the main process walks the whole
-    # split depth and then the one subtree left, in order, itself.
+@pytest.mark.parametrize("depth", [3, sync.SPLIT_MAX_DEPTH + 3])
+def test_the_order_holds_in_a_chain_that_cannot_be_split(tmp_path, depth):
+    # Each folder holds one subfolder: the main process walks it all itself,
+    # with no subtree left (3) or one left below the split depth.
     chain = leaf = {}
-    for level in range(sync.SPLIT_MAX_DEPTH + 3):
+    for level in range(depth):
         leaf[f"file{level}"] = str(level)
         leaf = leaf.setdefault(f"level{level}", {})
     results = {}
