@@ -87,7 +87,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import errno
 import functools
 import logging
@@ -103,7 +102,6 @@ import sys
 import threading
 import time
 from collections import Counter
-from dataclasses import dataclass, field
 from typing import Callable, NamedTuple, Optional
 
 try:
@@ -482,8 +480,54 @@ class Event(NamedTuple):
         return f"{code} {path}"
 
 
-@dataclass
-class Options:
+class _Fresh(NamedTuple):
+    """The default of a _Record field that is made afresh for each record."""
+
+    make: Callable
+
+
+class _Record:
+    """A class whose annotated class attributes are its fields: made by
+    keyword (or in order), compared field by field, shown with them, and
+    copied with changes by replace().  dataclasses does the same, but
+    importing it (inspect, ast, dis) took a tenth of sync.py's start-up."""
+
+    _fields: tuple = ()
+
+    def __init_subclass__(cls):
+        super().__init_subclass__()
+        cls._fields = tuple(cls.__dict__.get("__annotations__", ()))
+
+    def __init__(self, *args, **values):
+        if len(args) > len(self._fields):
+            raise TypeError(f"{type(self).__name__} takes at most {len(self._fields)} fields")
+        values.update(zip(self._fields, args))
+        for name in self._fields:
+            if name in values:
+                value = values.pop(name)
+            else:
+                value = getattr(type(self), name)
+                if isinstance(value, _Fresh):
+                    value = value.make()
+            setattr(self, name, value)
+        if values:
+            raise TypeError(f"{type(self).__name__} has no field {next(iter(values))!r}")
+
+    def __repr__(self):
+        return f"{type(self).__name__}({', '.join(f'{n}={getattr(self, n)!r}' for n in self._fields)})"
+
+    def __eq__(self, other):
+        if type(other) is not type(self):
+            return NotImplemented
+        return all(getattr(self, n) == getattr(other, n) for n in self._fields)
+
+    __hash__ = None  # mutable
+
+    def replace(self, **changes):
+        return type(self)(**{**{n: getattr(self, n) for n in self._fields}, **changes})
+
+
+class Options(_Record):
     """How a pass behaves."""
 
     checksum: bool = False  # also compare bytes when size and mtime are equal
@@ -505,7 +549,7 @@ class Options:
     # Files that must never be inside REPLICA, by what to call them (the
     # CLI's {"LOG_FILE": path}); checked at the start of every pass, like the
     # separation of the trees.
-    protect: dict = field(default_factory=dict)
+    protect: dict = _Fresh(dict)
     # Metadata mirrored beside bytes and times, where REPLICA's file system
     # stores it (see Keep): permission bits, owners only when running as
     # root, groups the process may give, extended attributes (user.* only
@@ -531,11 +575,10 @@ class Options:
     links: bool = True
 
 
-@dataclass
-class PassResult:
+class PassResult(_Record):
     """What one pass did."""
 
-    counts: Counter = field(default_factory=Counter)  # action -> number of events
+    counts: Counter = _Fresh(Counter)  # action -> number of events
     checked: int = 0  # source entries examined
     bytes_copied: int = 0
     errors: int = 0
@@ -546,7 +589,7 @@ class PassResult:
     # ("owners", "ACLs", ...); and in counts, besides the actions, "missed o"
     # and "missed g": entries whose owner (group) this process may not give,
     # and "links left out" (Options.links).
-    unstored: list = field(default_factory=list)
+    unstored: list = _Fresh(list)
 
     @property
     def exact(self) -> bool:
@@ -2866,16 +2909,18 @@ class _Frame:
         self.attrs = _NO_ATTRS
 
 
-@dataclass
 class _Doomed:
     """One folder on remove_tree's stack."""
 
-    parent: object  # handle of the folder that holds it
-    name: str  # its name there
-    rel: str  # its path below the root, for reports
-    handle: object  # its own handle, open while it is on the stack
-    remaining: list  # (name, Entry) still to remove, last first
-    emptied: bool  # False once something inside must stay (then so does the folder)
+    __slots__ = ("parent", "name", "rel", "handle", "remaining", "emptied")
+
+    def __init__(self, parent, name: str, rel: str, handle, remaining: list, emptied: bool):
+        self.parent = parent  # handle of the folder that holds it
+        self.name = name  # its name there
+        self.rel = rel  # its path below the root, for reports
+        self.handle = handle  # its own handle, open while it is on the stack
+        self.remaining = remaining  # (name, Entry) still to remove, last first
+        self.emptied = emptied  # False once something inside must stay (then so does the folder)
 
 
 def _list_pair(frame, keep: Keep) -> _Listing:
@@ -4243,7 +4288,7 @@ def _count_deletions(roots: "_Roots", options: Options, should_stop, work: "_Wal
     if options.max_delete is None or options.dry_run:
         return None
     with work.phase("count of deletions (--max-delete)"):
-        probe = _Walk(dataclasses.replace(options, dry_run=True, max_delete=None, allow_mass_delete=True,
+        probe = _Walk(options.replace(dry_run=True, max_delete=None, allow_mass_delete=True,
                                           explain=False),
                       _ignore, should_stop)
         probe.stores = work.stores
