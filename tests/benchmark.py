@@ -386,7 +386,7 @@ def main() -> None:
                 print(f"| {key} | - | {ours[0]:.3f} | - | - | {ours[1]:.2f} | - | - | {ours[2] / 1024:.1f} | - |",
                       flush=True)
             for reference, theirs in result.items():
-                said = reference if reference.endswith("at once") else f"{reference} --delete"
+                said = f"{reference} --delete" if reference in (f"rsync {f}" for f in case.references) else reference
                 print(f"| {key}: {case.name} | {said} | {ours[0]:.3f} | {theirs[0]:.3f} | "
                       f"{ours[0] / theirs[0]:.2f} | {ours[1]:.2f} | {theirs[1]:.2f} | "
                       f"{ours[1] / theirs[1] if theirs[1] else float('nan'):.2f} | "
