@@ -4059,7 +4059,8 @@ class _Worker:
 
     def __init__(self, pid: int, conn):
         self.pid, self.conn = pid, conn
-        self.task = None  # the task index it was last given (-1: none left)
+        self.tasks = []  # the task indexes it was given and has not finished, oldest first
+        self.told_done = False  # it was told there are no more
         self.finished = False  # its share has arrived
         self.checked = 0  # source entries it has examined
 
@@ -4139,6 +4140,10 @@ class _FanOut:
     """
 
     BATCH = 256  # events per message
+    # Tasks a worker holds at once: the next waits in its pipe, so it never
+    # idles for the parent's answer (on a tree of 2,000 top folders of 10
+    # files each, that wait was a third of the initial copy).
+    AHEAD = 2
 
     def __init__(self, main: _Walk, tasks: list, order: _Order):
         self.main, self.tasks, self.order = main, tasks, order
@@ -4214,19 +4219,26 @@ class _FanOut:
         return 0
 
     def hand_out(self, w: _Worker) -> None:
-        w.task = self.handed if self.handed < len(self.tasks) else -1
-        try:
-            w.conn.send(w.task)
-        except OSError:  # it has just died: its end of the pipe says so
-            w.task = -1
+        """Give w the next task, or tell it there are none left."""
+        if w.told_done:
             return
-        self.handed += w.task >= 0
+        index = self.handed if self.handed < len(self.tasks) else -1
+        try:
+            w.conn.send(index)
+        except OSError:  # it has just died: its end of the pipe says so
+            return
+        if index < 0:
+            w.told_done = True
+        else:
+            w.tasks.append(index)
+            self.handed += 1
 
     def collect(self) -> None:
         """The parent's side: hand out tasks, merge what comes back."""
         main = self.main
-        for w in self.workers:
-            self.hand_out(w)
+        for _ in range(self.AHEAD):
+            for w in self.workers:
+                self.hand_out(w)
         alive = {w.conn: w for w in self.workers}
         while alive:
             for conn in self.connection.wait(list(alive), timeout=0.2):
@@ -4238,8 +4250,8 @@ class _FanOut:
                     if not w.finished:
                         main.error("", f"worker process {w.pid} ended unexpectedly; "
                                        "the next pass retries what it had not done")
-                        if w.task is not None and w.task >= 0:
-                            self.order.add(w.task, [], True)
+                        if w.tasks:  # the one it was walking; those after it are walked here
+                            self.order.add(w.tasks[0], [], True)
                     continue
                 kind = message[0]
                 if kind == "share":
@@ -4251,6 +4263,7 @@ class _FanOut:
                 if main.progress is not None:
                     main.progress(main.result.checked + sum(x.checked for x in self.workers))
                 if kind == "done":
+                    w.tasks.remove(message[1])
                     self.hand_out(w)
             if main.stopping():
                 self.stop_flag[0] = 2 if main.abort() else max(self.stop_flag[0], 1)
