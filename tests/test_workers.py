@@ -83,6 +83,62 @@ def test_the_order_holds_in_a_chain_that_cannot_be_split(tmp_path, depth):
     assert results[3] == results[1]
 
 
+# Many small subtrees: the parent hands them out in ranges of several.
+MANY = {f"d{d:03}": {"f.txt": f"{d}", "sub": {"g.txt": f"g{d}"}} for d in range(240)}
+
+
+def test_subtrees_handed_out_in_ranges_give_the_same_events_in_the_same_order(tmp_path, monkeypatch):
+    sizes = []
+    real_hand_out = sync._FanOut.hand_out
+
+    def hand_out(self, w):
+        before = self.handed
+        real_hand_out(self, w)
+        sizes.append(self.handed - before)
+
+    monkeypatch.setattr(sync._FanOut, "hand_out", hand_out)
+    results = {}
+    for workers in (1, 2):
+        src, dst = tmp_path / f"src{workers}", tmp_path / f"dst{workers}"
+        make_tree(src, MANY)
+        first = sync_once(src, dst, workers=workers)
+        for d in (0, 77, 161, 239):
+            (src / f"d{d:03}" / "sub" / "g.txt").write_text("changed")
+            (src / f"d{d:03}" / "f.txt").unlink()
+        second = sync_once(src, dst, workers=workers)
+        assert second[0].exact
+        assert_mirror(src, dst)
+        results[workers] = [[(e.action, e.path, e.detail) for e in events] for _, events in (first, second)]
+    assert max(sizes) > 1  # ranges of several subtrees were handed out
+    assert results[2] == results[1]
+    assert len(results[2][0]) == 240 * 4
+
+
+def test_a_worker_killed_in_a_range_costs_only_the_subtree_it_was_walking(src, dst, monkeypatch):
+    make_tree(src, MANY)
+    parent, real_enter = os.getpid(), sync._Walk.enter
+
+    def enter(self, frame):
+        if frame.rel == "d150" and os.getpid() != parent:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real_enter(self, frame)
+
+    monkeypatch.setattr(sync._Walk, "enter", enter)
+    result, events = sync_once(src, dst, workers=2)
+    errors = [e.detail for e in events if e.action == "error"]
+    assert len(errors) == 1 and "ended unexpectedly" in errors[0]
+    # The other subtrees of its ranges, those it had walked and not yet
+    # reported included, are mirrored: walked here after it died.
+    assert sorted(os.listdir(dst / "d150")) == []
+    for d in range(240):
+        if d != 150:
+            assert_mirror(src / f"d{d:03}", dst / f"d{d:03}")
+    assert leftover_temp_files(dst) == []
+    monkeypatch.undo()
+    assert sync_once(src, dst, workers=2)[0].exact
+    assert_mirror(src, dst)
+
+
 def test_a_worker_that_dies_costs_only_its_own_work(src, dst, monkeypatch):
     make_tree(src, TREE)
     real_serve = sync._FanOut.serve
