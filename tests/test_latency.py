@@ -43,6 +43,47 @@ def test_only_file_systems_that_may_wait_on_a_network_are_timed(tmp_path, monkey
 def test_a_slow_replica_is_named_in_the_probe_line():
     said = sync.Stores(kind="nfs4", latency=0.0029).describe()
     assert said == "nfs4, times 1 ns, slow requests (2.9 ms to create and remove a file: files are copied 16 at once)"
+    said = sync.Stores(kind="nfs4", latency=0.0029).describe(workers=16)
+    assert said.endswith("(2.9 ms to create and remove a file: 16 worker processes, files are copied 16 at once)")
+
+
+@pytest.mark.skipif(not sync._CAN_FORK, reason="this platform walks in one process")
+def test_a_slow_replica_is_walked_by_more_worker_processes(tmp_path, monkeypatch):
+    tree = {f"d{d:02}": {f"s{s}": {"f": f"{d}{s}"} for s in range(3)} for d in range(12)}
+    forks = []
+    real_fork = os.fork
+
+    def fork():
+        pid = real_fork()
+        if pid:
+            forks.append(pid)
+        return pid
+
+    monkeypatch.setattr(os, "fork", fork)
+    results = {}
+    for latency, slow_workers, processes in ((0.0, 0, 0), (0.0, 5, 2), (0.002, 0, 2), (0.002, 5, 5)):
+        src, dst = tmp_path / "src", tmp_path / f"dst{latency}-{slow_workers}"
+        if not src.exists():
+            make_tree(src, tree)
+        mirror = sync.Mirror(src, dst, sync.Options(workers=2 if processes else 1, slow_workers=slow_workers))
+        mirror.check(create=True)
+        mirror.stores = sync.Stores(latency=latency)  # as the probe would find it
+        forks.clear()
+        events = []
+        assert mirror.run_pass(events.append).exact
+        assert_mirror(src, dst)
+        assert len(forks) == processes, (latency, slow_workers)
+        results[latency, slow_workers] = events
+    assert len({tuple(events) for events in results.values()}) == 1  # the same events in the same order
+
+
+def test_the_command_line_asks_for_more_processes_on_a_slow_replica_unless_told_how_many(tmp_path):
+    args = [str(tmp_path / "s"), str(tmp_path / "r"), "5", str(tmp_path / "log")]
+    (tmp_path / "s").mkdir()
+    assert sync._Settings(args).options.slow_workers == sync.SLOW_WORKERS == 16
+    assert sync._Settings(args).options.workers == sync.DEFAULT_WORKERS
+    told = sync._Settings(args + ["--workers", "3"]).options
+    assert (told.workers, told.slow_workers) == (3, 0)
 
 
 def run(src, dst, trash, latency, monkeypatch):
