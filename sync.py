@@ -152,8 +152,14 @@ DEFAULT_WORKERS = max(1, min(os.cpu_count() or 1, 8))
 # adding 2 ms a request, a no-change pass over 20,000 files took 2.2 s with
 # 2 workers, 0.88 s with 16 or 32, and 1.55 s with 64 (2 CPUs).
 SLOW_WORKERS = 16
-SPLIT_MIN_TASKS = 2  # subtrees per worker before the tree is split among workers
-SPLIT_MAX_DEPTH = 6  # levels the main process walks looking for them
+# The main process walks the top levels itself only until they hold this
+# many subtrees (at most SPLIT_MAX_DEPTH levels): workers then hand folders
+# over among themselves (see _FanOut), so more would only be a serial start.
+# Splitting below the root at once instead of at 2 subtrees per worker: on a
+# replica adding 0.5 ms a request, 16 workers copied 5,000 small files of a
+# top-heavy tree in 3.2 s instead of 6.4 s; no change on tmpfs.
+SPLIT_MIN_TASKS = 2
+SPLIT_MAX_DEPTH = 6
 _CAN_FORK = hasattr(os, "fork") and sys.platform != "darwin"  # fork is unsafe on macOS
 # Threads do pay where one system call moves much data and releases the GIL
 # for long: files from this size are copied and compared by a few threads.
@@ -167,6 +173,11 @@ LARGE_FILE_THREADS = 4
 # instead of 23 s).
 SLOW_REQUEST = 0.0005
 LATENCY_THREADS = 16
+# A SOURCE where opening a folder takes this long is as slow (a NAS): such
+# an open is one round trip to the server (NFS asks for the folder's
+# attributes, SMB opens a handle, FUSE sends OPENDIR), where creating and
+# removing a file is two or more.
+SLOW_OPEN = 0.00025
 # Kernel file systems on a local disk (or in memory) are never timed: their
 # requests do not wait on a network, and on a busy machine the timing alone
 # once judged a local ext4 slow.  FUSE, network and unknown types are timed.
@@ -341,6 +352,8 @@ ACTIONS = {
     "clamped": Action("warning", "kept another time for {path} ({detail})", ""),
     # what REPLICA's file system was found to store, where that is not all ext4 stores (once a run)
     "probe": Action("info", "replica file system: {detail}", ""),
+    # SOURCE's file system answers slowly (detail: how slowly, and what a pass does about it; once a run)
+    "slow source": Action("info", "source file system: {detail}", ""),
     # what the options ask for but REPLICA's file system does not store (once a
     # run; info: the summary says it again, and -q under cron must not mail it)
     "unstored": Action("info", "REPLICA's file system does not store {detail}: they are not mirrored", ""),
@@ -352,7 +365,7 @@ ACTIONS = {
 }
 
 # Actions whose lines are about the run, not about an entry (no path).
-_RUN_ACTIONS = frozenset({"probe", "unstored", "overrun"})
+_RUN_ACTIONS = frozenset({"probe", "slow source", "unstored", "overrun"})
 
 
 # rsync's --itemize letters for metadata, by position in its 11-character
@@ -1417,6 +1430,18 @@ def _probe_latency(pd, clock=time.perf_counter) -> float:
     return fastest if fastest >= SLOW_REQUEST else 0.0
 
 
+def _probe_source_latency(sd, clock=time.perf_counter) -> float:
+    """Seconds to open and close folder sd (the fastest of three tries),
+    where that is at least SLOW_OPEN; else 0.0.  Only reads: SOURCE is
+    never written."""
+    fastest = float("inf")
+    for _ in range(3):
+        started = clock()
+        _close_dir(_open_dir(sd, "."))
+        fastest = min(fastest, clock() - started)
+    return fastest if fastest >= SLOW_OPEN else 0.0
+
+
 def _probe_replica(dd, kind: str = "") -> Stores:
     """Learn what the file system of directory dd (of type kind) stores:
     names (see _probe_names), symbolic links, times (see _probe_times),
@@ -2015,6 +2040,19 @@ def _reason(err: BaseException) -> str:
 def _dup(handle):
     """A second handle on the same directory, to be closed on its own."""
     return os.dup(handle) if _DIR_FD else handle
+
+
+def _descend(d, name: str, identity: tuple):
+    """The handle of folder name inside d (which is closed), if it is still
+    the folder of that identity (st_dev, st_ino); else OSError."""
+    try:
+        inner = _open_dir(d, name)
+    finally:
+        _close_dir(d)
+    if _identity(os.stat(inner)) != identity:
+        _close_dir(inner)
+        raise OSError(errno.ESTALE, "it was replaced by another folder during the pass")
+    return inner
 
 
 def _count_inside(d, cap: int) -> int:
@@ -2895,7 +2933,7 @@ class _Frame:
     """A directory pair on the walk's stack."""
 
     __slots__ = ("parent", "name", "dst_name", "rel", "src_st", "dst_st", "dst_exists", "dst_mode",
-                 "dst_mtime", "sd", "dd", "changed", "writable", "verify", "attrs")
+                 "dst_mtime", "sd", "dd", "changed", "writable", "verify", "attrs", "above")
 
     def __init__(self, parent, name, rel, src_st, dst_st, dst_exists):
         self.parent = parent  # the _Frame of the folder that holds it (None: the root)
@@ -2918,6 +2956,38 @@ class _Frame:
         # The owner and extended attributes it gets (see _attrs), as its
         # parent's listing found them; finish() sets them.
         self.attrs = _NO_ATTRS
+        # Only in a stand-in for the parent of a folder handed over by
+        # another process (see _Handoff), which has no parent frame: the
+        # path from the roots to it, as _Handoff.path.
+        self.above = ()
+
+
+class _Handoff(NamedTuple):
+    """A folder a worker process hands back, not yet entered, for any
+    process to walk: where it is, checked again on the way down, and what
+    its parent's listing said of it (the fields of its _Frame)."""
+
+    # (name, replica name, source identity, replica identity or None) of
+    # each folder from the roots down to its parent; identities are
+    # (st_dev, st_ino), and each folder reopened must still have its own.
+    path: tuple
+    name: str
+    dst_name: str
+    rel: str
+    src_st: os.stat_result
+    dst_st: Optional[os.stat_result]
+    dst_exists: bool
+    dst_id: Optional[tuple]  # its replica folder's identity (None: there is none)
+    verify: bool
+    attrs: "_Attrs"
+
+
+class _Later(NamedTuple):
+    """In a worker's events: here come the events of the folder it handed
+    over as its number-th (see _Order)."""
+
+    slot: int  # the worker's
+    number: int
 
 
 class _Doomed:
@@ -2941,7 +3011,7 @@ def _list_pair(frame, keep: Keep) -> _Listing:
     Reports nothing: it returns what it found, failures included, and the
     walk reports them.
     """
-    if frame.parent is not None:
+    if frame.sd is None:  # else opened by reopen()
         try:
             frame.sd = _open_dir(frame.parent.sd, frame.name)
         except OSError as err:
@@ -3041,6 +3111,8 @@ class _Walk:
         self.guard = None  # the _MassDeletionGuard, while run() runs, unless turned off
         self.retries = []  # (folder, name, new, OSError): copies that failed for lack of space
         self.retry_later = True  # False once retry_copies runs: failures are then final
+        self.source_latency = 0.0  # seconds SOURCE takes to open a folder, where slow (Mirror probes it)
+        self.donor = None  # in a worker process: its _Donor, asked after each folder whether to hand one over
         now = time.time()  # names this pass's trash folder; workers inherit it
         self.trash_stamp = time.strftime("%Y-%m-%d_%H%M%S", time.localtime(now)) + f".{int(now * 1000) % 1000:03d}"
 
@@ -3049,12 +3121,18 @@ class _Walk:
         return self.stores.times
 
     @property
+    def slow(self) -> bool:
+        """Whether SOURCE or REPLICA is slow to answer (a NAS): requests are
+        then made many at once (see workers, and _Changes's threads)."""
+        return self.stores.latency > 0 or self.source_latency > 0
+
+    @property
     def workers(self) -> int:
         """The worker processes this pass splits the walk among (1: none)."""
         options = self.options
         if not _CAN_FORK or options.max_delete is not None:  # the budget is counted in one process
             return 1
-        if self.stores.latency and options.slow_workers:
+        if self.slow and options.slow_workers:
             return options.slow_workers
         return options.workers
 
@@ -3134,7 +3212,7 @@ class _Walk:
         options = self.options
         executor = _DryRun if options.dry_run else _Changes
         self.do = executor(options, roots.trash, self.trash_stamp, self.stopping, self.abort, self.keep,
-                           self.stores.latency > 0)
+                           self.slow)
         # The default guard, unless an explicit max_delete replaces it or it is turned off.
         if self.guard is None and options.max_delete is None and not options.allow_mass_delete:
             self.guard = _MassDeletionGuard(roots.replica)
@@ -3174,6 +3252,8 @@ class _Walk:
         # permission bits and mtime are set when it is popped the second time,
         # after everything inside it is written.  Only the directories on the
         # current path are open: two descriptors per level.
+        # In a worker, a folder not yet entered may be handed over (see
+        # offer()): a _Later takes its place, reported where its events go.
         stack = [(root, False)]
         try:
             while stack:
@@ -3181,11 +3261,16 @@ class _Walk:
                 if entered:
                     self.finish(frame)
                     continue
+                if type(frame) is _Later:
+                    self.report(frame)
+                    continue
                 children = self.try_enter(frame)
                 if children is None:
                     continue
                 stack.append((frame, True))
                 stack.extend((child, False) for child in reversed(children))
+                if self.donor is not None and self.donor.wanted():
+                    self.offer(stack)
         finally:
             if stack:  # left by an exception: no copy thread may still use these folders
                 self.do.stop_threads()
@@ -3206,9 +3291,9 @@ class _Walk:
             raise
 
     def walk_split(self, root: _Frame) -> None:
-        """Walk the top levels here, breadth first, until they hold enough
-        subtrees to keep the workers busy; hand those to worker processes
-        (_FanOut).  The top levels' own events are held, and each folder
+        """Walk the top levels here, breadth first, until they hold a few
+        subtrees (SPLIT_MIN_TASKS); hand those to worker processes
+        (_FanOut), which hand folders over among themselves.  The top levels' own events are held, and each folder
         among them is finished once the subtrees below it are done, so that
         the log reads as one process walking depth first (see _Order)."""
         entered, level, tasks = [], [root], []
@@ -3229,20 +3314,23 @@ class _Walk:
                     if children is not None:
                         entered.append(frame)
                         tasks.extend(children)
-                if len(tasks) >= SPLIT_MIN_TASKS * self.workers or not tasks:
+                if len(tasks) >= SPLIT_MIN_TASKS or not tasks:
                     break
                 level = tasks
             order = _Order(self, _Order.sequence(root, held, below, tasks))
             if len(tasks) > 1 and not self.stopping():
                 self.explain("", f"worker split: {len(tasks):,} folders at depth {tasks[0].rel.count('/') + 1} "
-                                 f"handed to {min(self.workers, len(tasks))} worker processes "
+                                 f"handed to {self.workers} worker processes "
                                  f"after {len(entered):,} folders walked here")
                 self.do.stop_threads()  # no threads may be running across a fork
-                _FanOut(self, tasks, order).run()
-            for index, task in enumerate(tasks):
+                fan_out = _FanOut(self, tasks, order)
+                fan_out.run()
+                self.explain("", f"worker processes handed over {len(tasks) - fan_out.forked:,} folders "
+                                 "between them")
+            for index, task in enumerate(tasks):  # handoffs included (_FanOut adds them)
                 if index not in order.done:  # walked here: no worker took it, or there are none
                     self.walk_in_order(task, order, index)
-            order.advance()  # the rest: where there were no tasks at all, everything
+            order.flush()  # the rest: where there were no tasks at all, everything
             completed = True
         finally:
             self.report = report
@@ -3251,21 +3339,102 @@ class _Walk:
                 for frame in reversed(entered):
                     self.close(frame)
 
-    def walk_in_order(self, frame: _Frame, order: "_Order", index: int) -> None:
-        """walk() task index here, its events reported through order."""
+    def walk_in_order(self, task, order: "_Order", index: int) -> None:
+        """walk_task() task index here, its events reported through order."""
         report = self.report
         self.report = lambda event: order.add(index, [event], False)
         try:
-            self.walk(frame)
+            self.walk_task(task)
         finally:
             self.report = report
         order.add(index, [], True)
+
+    def walk_task(self, task) -> None:
+        """Walk a subtree given as a _Frame (its parent open in this
+        process) or as a _Handoff (reopened from the roots)."""
+        if type(task) is _Handoff:
+            try:
+                task = self.reopen(task)
+            except OSError as err:
+                self.fail(task.rel, "reach the folder again (another process had listed it)", err)
+                return
+        self.walk(task)
+
+    # -- handing folders over between processes
+
+    def offer(self, stack: list) -> None:
+        """Hand over the folder not yet entered nearest the bottom of the
+        stack (the largest subtree left), when another is left to walk
+        here.  Not one whose parents may lose their owner's search
+        permission when finished (which happens before the folder is
+        walked elsewhere): it could not be reached again."""
+        waiting = [i for i, (frame, entered) in enumerate(stack) if not entered and type(frame) is _Frame]
+        if len(waiting) < 2:
+            return
+        frame = stack[waiting[0]][0]
+        above = frame.parent
+        while above is not None:
+            if above.src_st is not None and not above.src_st.st_mode & stat.S_IXUSR:
+                return
+            above = above.parent
+        try:
+            handoff = self.handoff(frame)
+        except OSError:
+            return  # walked here, as if not offered
+        stack[waiting[0]] = (self.donor.give(handoff), False)
+
+    @staticmethod
+    def handoff(frame: _Frame) -> _Handoff:
+        """frame, not entered, as another process can find it again."""
+        path, above = [], frame.parent
+        while above.parent is not None:
+            path.append((above.name, above.dst_name, _identity(os.stat(above.sd)),
+                         _identity(os.stat(above.dd)) if above.dd is not None else None))
+            above = above.parent
+        dst_id = None
+        if frame.dst_exists:
+            st = frame.dst_st
+            if st is None:  # made by this pass
+                name, fd = _at(frame.parent.dd, frame.dst_name)
+                st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+            dst_id = _identity(st)
+        return _Handoff(above.above + tuple(reversed(path)), frame.name, frame.dst_name, frame.rel,
+                        frame.src_st, frame.dst_st, frame.dst_exists, dst_id, frame.verify, frame.attrs)
+
+    def reopen(self, task: _Handoff) -> _Frame:
+        """The frame of a folder handed over, opened from the roots down one
+        name at a time, never through a link, each folder checked to be the
+        one listed (OSError if one is not)."""
+        sd = _dup(self.roots.source)
+        dd = _dup(self.roots.replica) if self.roots.replica is not None else None
+        try:
+            for name, dst_name, src_id, dst_id in (*task.path, (task.name, task.dst_name,
+                                                                _identity(task.src_st), task.dst_id)):
+                sd = _descend(sd, name, src_id)
+                if dd is not None and dst_id is None:
+                    _close_dir(dd)
+                    dd = None
+                elif dd is not None:
+                    dd = _descend(dd, dst_name, dst_id)
+        except BaseException:
+            for d in (sd, dd):
+                if d is not None:
+                    _close_dir(d)
+            raise
+        parent = _Frame(None, None, task.rel.rpartition("/")[0], None, None, dd is not None)
+        parent.above = task.path
+        frame = _Frame(parent, task.name, task.rel, task.src_st, task.dst_st, task.dst_exists)
+        frame.dst_name, frame.verify, frame.attrs = task.dst_name, task.verify, task.attrs
+        frame.sd, frame.dd = sd, dd
+        if dd is not None and frame.dst_mode is None:  # made by this pass
+            frame.dst_mode = stat.S_IMODE(os.stat(dd).st_mode)
+        return frame
 
     def worker_pass(self, report, should_stop, abort) -> "_Walk":
         """A fresh walk for a worker process: its own results and callbacks,
         this pass's roots, trash folder and knowledge of REPLICA."""
         work = _Walk(self.options, report, should_stop, None, abort)
-        work.stores, work.keep = self.stores, self.keep
+        work.stores, work.keep, work.source_latency = self.stores, self.keep, self.source_latency
         work.trash_stamp, work.guard = self.trash_stamp, self.guard
         work.use(self.roots)
         return work
@@ -4090,21 +4259,28 @@ class _Worker:
 
 class _Order:
     """The events of a split walk, reported in the order one process walking
-    depth first gives.  The sequence lists, in that order, what is reported:
-    ("events", list), the held events of a folder the main process entered;
-    ("task", index), a subtree's events, as they arrive (those of a later task
-    wait until every item before it is done); ("finish", frame), a folder the
-    main process entered, finished once everything below it is done."""
+    depth first gives.  Each task (and the main process, as task MAIN) has a
+    stream of items, reported in turn: an Event; ("task", index), where
+    that task's whole stream goes (the main process's, for the subtrees it
+    handed out); a _Later, where the stream of the folder a worker handed
+    over goes; ("finish", frame), a folder the main process entered,
+    finished once everything before it in its stream is reported.  Items of
+    a task not done wait until it is."""
+
+    MAIN = -1
 
     def __init__(self, walk: _Walk, sequence: list):
-        self.walk, self.sequence = walk, sequence
+        self.walk = walk
         self.report = walk.report  # the walk's own (a task walked here reports through add())
-        self.position = 0  # the item being reported
-        self.held = {}  # task index -> its events not reported yet
-        self.done = set()  # task indexes whose subtree is walked
+        self.held = {self.MAIN: deque(sequence)}  # task index -> its items not reported yet
+        self.done = {self.MAIN}  # tasks whose stream is complete
+        self.reporting = [self.MAIN]  # the streams being reported, each inside the one before
+        self.later = {}  # _Later -> the task index of the folder handed over
 
     @staticmethod
     def sequence(root: _Frame, held: dict, below: dict, tasks: list) -> list:
+        """The main process's stream: its folders' held events, the tasks
+        (subtrees) below them, and their finish, depth first."""
         index = {id(task): i for i, task in enumerate(tasks)}
         sequence, stack = [], [root]
         while stack:  # depth first: a folder, what is below it, its finish
@@ -4112,42 +4288,82 @@ class _Order:
             if isinstance(frame, tuple):
                 sequence.append(frame)
                 continue
-            sequence.append(("events", held.pop(frame)))
+            sequence.extend(held.pop(frame))
             if below[frame] is not None:  # entered: finished after what is below it
                 stack.append(("finish", frame))
             stack.extend(("task", index[id(child)]) if id(child) in index else child
                          for child in reversed(below[frame] or ()))
         return sequence
 
-    def add(self, task: int, events: list, finished: bool) -> None:
-        """Events of a task; finished: its subtree is done."""
-        self.held.setdefault(task, []).extend(events)
+    def add(self, task: int, items: list, finished: bool) -> None:
+        """Items of a task; finished: its stream is complete."""
+        self.held.setdefault(task, deque()).extend(items)
         if finished:
             self.done.add(task)
         self.advance()
 
     def advance(self) -> None:
         """Report what can be reported: up to the first task not done."""
-        walk, sequence, report = self.walk, self.sequence, self.report
-        while self.position < len(sequence):
-            what, item = sequence[self.position]
-            if what == "events":
-                self.position += 1  # first: a report that raises must not repeat these
-                for event in item:
-                    report(event)
-                continue
-            if what == "task":
-                for event in self.held.pop(item, ()):
-                    report(event)
-                if item not in self.done:
-                    return
+        walk, report, reporting = self.walk, self.report, self.reporting
+        while reporting:
+            task = reporting[-1]
+            items = self.held.get(task)
+            while items:
+                item = items.popleft()  # first: a report that raises must not repeat it
+                kind = type(item)
+                if kind is Event:
+                    report(item)
+                elif kind is _Later:
+                    reporting.append(self.later.pop(item))
+                    break
+                elif item[0] == "task":
+                    reporting.append(item[1])
+                    break
+                else:
+                    reported, walk.report = walk.report, report
+                    try:
+                        walk.finish(item[1])
+                    finally:
+                        walk.report = reported
             else:
-                reporting, walk.report = walk.report, report
-                try:
-                    walk.finish(item)
-                finally:
-                    walk.report = reporting
-            self.position += 1
+                if task not in self.done:
+                    return
+                reporting.pop()
+                self.held.pop(task, None)
+
+    def flush(self) -> None:
+        """The end of the walk: every task is done.  A stream whose place
+        was never reached (its folder was handed over by a worker that
+        then died) comes last."""
+        self.done.update(self.held)
+        self.advance()
+        for task in sorted(self.held):
+            self.reporting.append(task)
+            self.advance()
+
+
+class _Donor:
+    """A worker's side of handing folders over: the parent says, through a
+    shared byte, that a worker is idle (a new number for each time it asks
+    again); the walk then offers one folder (see _Walk.offer) once per
+    request, sent to the parent at once and replaced in the walk's stack by
+    the _Later that marks where its events go."""
+
+    def __init__(self, conn, hungry, slot: int):
+        self.conn, self.hungry, self.slot = conn, hungry, slot
+        self.answered = 0  # the request last answered
+        self.given = 0  # folders handed over so far
+
+    def wanted(self) -> bool:
+        asked = self.hungry[0]
+        return asked != 0 and asked != self.answered
+
+    def give(self, handoff: _Handoff) -> _Later:
+        self.answered = self.hungry[0]
+        later = _Later(self.slot, self.given)
+        self.given += 1
+        self.conn.send(("give", later, handoff))
+        return later
 
 
 class _FanOut:
@@ -4156,12 +4372,17 @@ class _FanOut:
     Each worker walks with a fresh pass of its own and streams its events
     back over a multiprocessing Pipe; the parent reports them through an
     _Order, as one process would have, and adds up the workers' shares.
+    While a worker is idle and nothing is left to hand out, the others hand
+    over folders they have listed but not entered (_Donor), which become
+    tasks too, so that no tree shape leaves one worker walking alone.
 
     Messages, worker to parent: ("batch", [(task, [Event])], task, [Event],
     checked): the tasks finished since the last message with their events
     not sent yet, then the task being walked (-1: none) with its events so
-    far; and last ("share", _Share).  Parent to worker: a range (start,
-    stop) of task indexes, or None for "no more".
+    far; ("give", _Later, _Handoff): a folder handed over; and last
+    ("share", _Share).  Parent to worker: a range (start, stop, handoffs)
+    of task indexes, with the _Handoff of each task made after the fork, or
+    None for "no more".
     """
 
     BATCH = 256  # events per message, at most
@@ -4181,6 +4402,7 @@ class _FanOut:
 
     def __init__(self, main: _Walk, tasks: list, order: _Order):
         self.main, self.tasks, self.order = main, tasks, order
+        self.forked = len(tasks)  # tasks the workers know from the fork (the rest are handoffs)
         # Shared with the workers: 1 asks them to stop after the current
         # item, 2 to stop at once (abandoning a copy mid-file).
         import mmap  # here: only passes that fan out need it
@@ -4190,6 +4412,10 @@ class _FanOut:
         # was walking without a message per task.
         self.walking = mmap.mmap(-1, 8 * main.workers)
         self.walking.write(b"\xff" * len(self.walking))  # -1: none yet
+        # And the request for a folder to hand over (see _Donor): 0 none.
+        self.hungry = mmap.mmap(-1, 1)
+        self.asked = 0  # the number of the last request
+        self.given = False  # a folder was handed over since that request
         self.connection = None  # the multiprocessing.connection module, once run() imports it
         self.workers = []
         self.handed = 0  # tasks handed out so far
@@ -4200,7 +4426,7 @@ class _FanOut:
         from multiprocessing import connection
         self.connection = connection
         try:
-            for _ in range(min(self.main.workers, len(self.tasks))):
+            for _ in range(self.main.workers):  # all: those with no task yet get handoffs
                 self.start_worker()
             self.collect()
         finally:
@@ -4248,6 +4474,7 @@ class _FanOut:
             report,
             should_stop=lambda: flag[0] != 0 or os.getppid() != parent or main.should_stop(),
             abort=lambda: flag[0] == 2 or main.abort())
+        work.donor = _Donor(conn, self.hungry, slot)
         while True:
             try:
                 handed = conn.recv()
@@ -4255,9 +4482,10 @@ class _FanOut:
                 break
             if handed is None:
                 break
-            for current in range(*handed):
+            start, stop, handoffs = handed
+            for current in range(start, stop):
                 struct.pack_into("q", self.walking, 8 * slot, current)
-                work.walk(self.tasks[current])
+                work.walk_task(self.tasks[current] if current < self.forked else handoffs[current])
                 finished.append((current, events[:]))
                 events.clear()
                 if held[0] >= self.BATCH or time.monotonic() - sent[0] >= self.FLUSH:
@@ -4269,30 +4497,46 @@ class _FanOut:
         return 0
 
     def hand_out(self, w: _Worker) -> None:
-        """Give w the next range of tasks, or tell it there are none left."""
-        if w.told_done:
-            return
+        """Give w the next range of tasks (there are some left)."""
         left = len(self.tasks) - self.handed
         size = max(1, min(self.RANGE, left // (4 * len(self.workers))))
-        handed = (self.handed, self.handed + size) if left else None
+        start, stop = self.handed, self.handed + size
+        handoffs = {i: self.tasks[i] for i in range(max(start, self.forked), stop)}
         try:
-            w.conn.send(handed)
+            w.conn.send((start, stop, handoffs))
         except OSError:  # it has just died: its end of the pipe says so
             return
-        if handed is None:
-            w.told_done = True
-        else:
-            w.tasks.extend(range(*handed))
-            w.ranges.append(handed[1] - 1)
-            self.handed += size
+        w.tasks.extend(range(start, stop))
+        w.ranges.append(stop - 1)
+        self.handed = stop
+
+    def feed(self, alive: dict) -> None:
+        """Hand out what is left; where a worker is then idle, ask the others
+        for folders to hand over; once all are idle, tell them to end."""
+        for ahead in range(1, self.AHEAD + 1):  # a range to each before a second to any
+            for w in alive.values():
+                if not w.told_done and len(w.ranges) < ahead and self.handed < len(self.tasks):
+                    self.hand_out(w)
+        idle = [w for w in alive.values() if not w.tasks and not w.told_done]
+        if not idle:
+            self.hungry[0] = 0
+        elif all(not w.tasks for w in alive.values()):  # nothing is walked anywhere: the end
+            self.hungry[0] = 0
+            for w in idle:
+                try:
+                    w.conn.send(None)
+                except OSError:
+                    pass  # it has just died
+                w.told_done = True
+        elif self.given or not self.hungry[0]:  # ask (again)
+            self.asked = self.asked % 255 + 1
+            self.hungry[0], self.given = self.asked, False
 
     def collect(self) -> None:
         """The parent's side: hand out tasks, merge what comes back."""
         main, order = self.main, self.order
-        for _ in range(self.AHEAD):
-            for w in self.workers:
-                self.hand_out(w)
         alive = {w.conn: w for w in self.workers}
+        self.feed(alive)
         while alive:
             for conn in self.connection.wait(list(alive), timeout=0.2):
                 w = alive[conn]
@@ -4308,10 +4552,17 @@ class _FanOut:
                         walking = struct.unpack_from("q", self.walking, 8 * w.slot)[0]
                         if walking in w.tasks:
                             order.add(walking, [], True)
+                        w.tasks.clear()
                     continue
-                if message[0] == "share":
+                kind = message[0]
+                if kind == "share":
                     main.add(message[1])
                     w.finished = True
+                    continue
+                if kind == "give":
+                    order.later[message[1]] = len(self.tasks)
+                    self.tasks.append(message[2])
+                    self.given = True
                     continue
                 _, finished, task, events, w.checked = message
                 for index, held in finished:
@@ -4319,13 +4570,13 @@ class _FanOut:
                     w.tasks.popleft()  # it walks its tasks in the order handed
                     if index == w.ranges[0]:
                         w.ranges.popleft()
-                        self.hand_out(w)
                 if events:
                     order.add(task, events, False)
                 if main.progress is not None:
                     main.progress(main.result.checked + sum(x.checked for x in self.workers))
             if main.stopping():
                 self.stop_flag[0] = 2 if main.abort() else max(self.stop_flag[0], 1)
+            self.feed(alive)
         main.result.checked += sum(w.checked for w in self.workers)
 
 
@@ -4811,6 +5062,7 @@ class Mirror:
         self.options = options or Options()
         self.replica_fs = None  # (device, file system id) of REPLICA, once a pass has seen it
         self.stores = None  # what REPLICA's file system stores (times, owners, ...), once probed
+        self.source_latency = None  # seconds SOURCE takes to open a folder where slow, else 0.0, once probed
         self.lock = None  # descriptor holding the lock on REPLICA, once check(lock=True) took it
         self.created = False  # REPLICA was made by this run and no pass has run in it yet
 
@@ -4912,6 +5164,17 @@ class Mirror:
                 stores = self.stores or Stores()
                 work.stores = stores
                 work.keep, work.result.unstored = Keep.decide(options, stores)
+                source_probed = self.source_latency is None
+                kind = roots.trees["SOURCE"].kind
+                if source_probed:
+                    with work.phase("probe of SOURCE's file system"):
+                        self.source_latency = 0.0 if kind in LOCAL_KINDS else _probe_source_latency(roots.source)
+                work.source_latency = self.source_latency
+                if source_probed and self.source_latency:  # said once a run, like the replica's
+                    processes = f"{work.workers} worker processes, " if work.workers > 1 else ""
+                    work.emit("slow source", "", f"{kind or 'type unknown'}, slow requests "
+                                                 f"({self.source_latency * 1000:.1f} ms to open a folder: "
+                                                 f"{processes}files are copied {LATENCY_THREADS} at once)")
                 if probed:  # once a run
                     # Said where it stores less than ext4 (time limits are reported as met).
                     if stores._replace(kind="", times=stores.times._replace(lowest=None, highest=None)) != Stores():

@@ -32,6 +32,9 @@ CASES = [
      "kept another time for a/f (2302-01-01 00:00:05 UTC is kept as 2038-01-19 03:14:07 UTC)", None, ""),
     ("probe", "exfat (fuseblk), times 1 s, no links, case-insensitive",
      "replica file system: exfat (fuseblk), times 1 s, no links, case-insensitive", None, ""),
+    ("slow source", "nfs4, slow requests (2.1 ms to open a folder: 16 worker processes, files are copied 16 at once)",
+     "source file system: nfs4, slow requests (2.1 ms to open a folder: 16 worker processes, files are copied 16 "
+     "at once)", None, ""),
     ("unstored", "owners and ACLs",
      "REPLICA's file system does not store owners and ACLs: they are not mirrored", None, ""),
     ("overrun", "12.5", "the pass took 12.5 s, longer than INTERVAL; starting the next one now", None, ""),

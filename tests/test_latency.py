@@ -25,6 +25,21 @@ def test_the_probe_tells_a_slow_replica_from_a_local_disk(tmp_path):
             os.close(folder)
 
 
+def test_the_probe_tells_a_slow_source_by_reading_only(tmp_path):
+    (tmp_path / "f").write_text("x")
+    before = sorted(os.listdir(tmp_path)), os.stat(tmp_path).st_mtime_ns
+    folder = os.open(tmp_path, os.O_RDONLY) if sync._DIR_FD else str(tmp_path)
+    try:
+        ticks = iter(range(100))
+        assert sync._probe_source_latency(folder, clock=lambda: next(ticks) * 0.0005) == 0.0005
+        ticks = iter(range(100))
+        assert sync._probe_source_latency(folder, clock=lambda: next(ticks) * 0.00001) == 0.0
+    finally:
+        if sync._DIR_FD:
+            os.close(folder)
+    assert (sorted(os.listdir(tmp_path)), os.stat(tmp_path).st_mtime_ns) == before
+
+
 def test_only_file_systems_that_may_wait_on_a_network_are_timed(tmp_path, monkeypatch):
     # A busy machine once made a local ext4 look slow: its type alone decides.
     monkeypatch.setattr(sync, "_probe_latency", lambda pd: 0.002)
@@ -75,6 +90,39 @@ def test_a_slow_replica_is_walked_by_more_worker_processes(tmp_path, monkeypatch
         assert len(forks) == processes, (latency, slow_workers)
         results[latency, slow_workers] = events
     assert len({tuple(events) for events in results.values()}) == 1  # the same events in the same order
+
+
+@pytest.mark.skipif(not sync._CAN_FORK, reason="this platform walks in one process")
+def test_a_slow_source_is_said_once_and_walked_by_more_worker_processes(tmp_path, monkeypatch):
+    monkeypatch.setattr(sync, "LOCAL_KINDS", frozenset())  # this disk, timed as if it were a share
+    monkeypatch.setattr(sync, "_probe_latency", lambda pd: 0.0)  # the replica is fast
+    monkeypatch.setattr(sync, "_probe_source_latency", lambda sd: 0.0021)  # the source is not
+    forks, real_fork = [], os.fork
+
+    def fork():
+        pid = real_fork()
+        if pid:
+            forks.append(pid)
+        return pid
+
+    monkeypatch.setattr(os, "fork", fork)
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    make_tree(src, {f"d{d:02}": {"f": f"{d}", "s": {"g": "g"}} for d in range(12)})
+    mirror = sync.Mirror(src, dst, sync.Options(workers=2, slow_workers=5))
+    mirror.check(create=True)
+    said = []
+    for change in ("first", "second"):
+        forks.clear()
+        events = []
+        (src / "d03" / "f").write_text(change)
+        assert mirror.run_pass(events.append).exact
+        assert_mirror(src, dst)
+        assert len(forks) == 5
+        said.append([e.detail for e in events if e.action == "slow source"])
+    assert len(said[0]) == 1  # "<its type>, slow requests ..."
+    assert said[0][0].endswith(", slow requests (2.1 ms to open a folder: 5 worker processes, files are copied "
+                               "16 at once)")
+    assert said[1] == []  # once a run
 
 
 def test_the_command_line_asks_for_more_processes_on_a_slow_replica_unless_told_how_many(tmp_path):

@@ -3,6 +3,7 @@ a worker that dies costs only its own work."""
 
 import os
 import signal
+import time
 
 import pytest
 
@@ -81,6 +82,85 @@ def test_the_order_holds_in_a_chain_that_cannot_be_split(tmp_path, depth):
         assert_mirror(src, dst)
         results[workers] = [(e.action, e.path) for e in events]
     assert results[3] == results[1]
+
+
+# One subtree holds nearly everything: its worker must hand folders over.
+LOPSIDED = {"big": {f"s{s:02}": {**{f"f{f}": f"{s}-{f}" for f in range(3)}, "deeper": {"g": f"g{s}"}}
+                    for s in range(20)}, "small": {"f": "x"}}
+
+
+def hand_over_once_asked(monkeypatch):
+    """The worker walking big waits in big/s00 until the parent asks for a
+    folder (the other worker is idle), so that a handover surely happens."""
+    parent, real_enter = os.getpid(), sync._Walk.enter
+
+    def enter(self, frame):
+        if os.getpid() != parent and frame.rel == "big/s00":
+            deadline = time.monotonic() + 60
+            while not self.donor.wanted() and time.monotonic() < deadline:
+                time.sleep(0.001)
+        return real_enter(self, frame)
+
+    monkeypatch.setattr(sync._Walk, "enter", enter)
+
+
+def test_a_worker_hands_folders_over_to_an_idle_one_with_the_same_events_in_the_same_order(tmp_path, monkeypatch):
+    hand_over_once_asked(monkeypatch)
+    results, said = {}, []
+    for workers in (1, 2):
+        src, dst = tmp_path / f"src{workers}", tmp_path / f"dst{workers}"
+        make_tree(src, LOPSIDED)
+        os.chmod(src / "big" / "s07", 0o750)
+        runs = [sync_once(src, dst, workers=workers, explain=True)]
+        for s in (0, 7, 19):
+            (src / "big" / f"s{s:02}" / "f1").write_text("changed")
+            (src / "big" / f"s{s:02}" / "deeper" / "g").unlink()
+            os.chmod(src / "big" / f"s{s:02}", 0o700)  # reported when the folder is finished
+        runs.append(sync_once(src, dst, workers=workers, explain=True))
+        assert runs[1][0].exact
+        assert_mirror(src, dst)
+        said += [e.detail for _, events in runs for e in events if "handed over" in e.detail]
+        results[workers] = [[(e.action, e.path, e.detail) for e in events if e.action != "debug"]
+                            for _, events in runs]
+    assert results[2] == results[1]
+    assert len(said) == 2 and all(int(line.split()[4]) >= 1 for line in said), said
+
+
+@pytest.mark.parametrize("replaced_by", ["link", "folder"])
+def test_a_folder_handed_over_is_reached_again_only_if_it_is_still_the_same(tmp_path, monkeypatch, replaced_by):
+    # Between the handover and the other worker's start, the replica folder
+    # is replaced: by a link to a folder outside (writing through it would
+    # write outside REPLICA), or by another folder.  Neither is entered.
+    hand_over_once_asked(monkeypatch)
+    src, dst, outside = tmp_path / "src", tmp_path / "dst", tmp_path / "outside"
+    make_tree(src, LOPSIDED)
+    outside.mkdir()
+    real_hand_out, swapped = sync._FanOut.hand_out, []
+
+    def hand_out(self, w):
+        if self.handed >= self.forked and not swapped:  # the first handoff, before it goes
+            folder = dst / self.tasks[self.handed].rel
+            os.rename(folder, tmp_path / "moved-away")
+            if replaced_by == "link":
+                os.symlink(outside, folder)
+            else:
+                folder.mkdir()
+            swapped.append(folder)
+        real_hand_out(self, w)
+
+    monkeypatch.setattr(sync._FanOut, "hand_out", hand_out)
+    result, events = sync_once(src, dst, workers=2)
+    assert swapped
+    errors = [(e.path, e.detail) for e in events if e.action == "error"]
+    assert len(errors) == 1 and errors[0][0] == str(swapped[0].relative_to(dst))
+    assert "cannot reach the folder again" in errors[0][1]
+    assert not result.exact
+    assert os.listdir(outside) == []
+    if replaced_by == "folder":
+        assert os.listdir(swapped[0]) == []
+    monkeypatch.undo()
+    assert sync_once(src, dst, workers=2)[0].exact
+    assert_mirror(src, dst)
 
 
 # Many small subtrees: the parent hands them out in ranges of several.
