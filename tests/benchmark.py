@@ -23,10 +23,11 @@ release's tree: 20 groups of folders, each folder the same size), "top"
 (a third of the files directly in 7 top-level folders, the rest nested
 below them), "deep" (a chain of 100 folders, files at every level), "wide"
 (a top level of many folders of 10 files each) and "flat" (one folder
-holding every file).  NAS cases put the replica behind ../shared/slowfs (a
-FUSE file system adding latency per request; built here when gcc and
-libfuse3 are installed, mounted afresh before every run) and also run an
-8-way parallel rsync, one per top-level entry, as a reference.
+holding every file).  NAS cases put the replica (nas-source-*: the source)
+behind ../shared/slowfs (a FUSE file system adding latency per request;
+built here when gcc and libfuse3 are installed, mounted afresh before every
+run) and also run an 8-way parallel rsync, one per top-level entry, as a
+reference.
 
 Wall time is taken around each run; CPU time and peak RSS come from GNU
 time's %U, %S and %M where it is installed, else from wait4() of a child
@@ -158,15 +159,17 @@ class Case:
     starts again from a pristine copy."""
 
     def __init__(self, name, build, mutate=None, replica_from_source=True, restore=True,
-                 sync_args=(), rsync_args=(), repeat=None, references=("-a",), nas_ms=None, others=None):
+                 sync_args=(), rsync_args=(), repeat=None, references=("-a",), nas_ms=None, nas_side="replica",
+                 others=None):
         self.name, self.build, self.mutate = name, build, mutate
         self.replica_from_source, self.restore = replica_from_source, restore
         self.sync_args, self.rsync_args, self.repeat = sync_args, rsync_args, repeat
         self.references = references  # rsync's flags, one reference command each
-        # The replica behind slowfs, this many ms per request (None: not)
-        # with an 8-way parallel rsync as a further reference.
-        self.nas_ms = nas_ms
-        # Further references: {name: a function of the replica giving a command}.
+        # The replica (or, nas_side "source", the source) behind slowfs, this
+        # many ms per request (None: not), with an 8-way parallel rsync as a
+        # further reference.
+        self.nas_ms, self.nas_side = nas_ms, nas_side
+        # Further references: {name: a function of the source and the replica giving a command}.
         self.others = others or {}
 
 
@@ -208,6 +211,9 @@ CASES = {
     "nas-incremental-20k": Case("NAS replica (2 ms): 20,000 files, 1% modified, deleted, added",
                                 lambda s: build_shape(s, "top", 20_000, 1024), mutate=change_one_percent_each,
                                 nas_ms=2.0),
+    "nas-source-no-change-20k": Case("NAS source (2 ms a request): no-change pass, 20,000 files, top-heavy tree",
+                                     lambda s: build_shape(s, "top", 20_000, 1024), restore=False, nas_ms=2.0,
+                                     nas_side="source"),
     "nas-initial-5k": Case("NAS replica (0.5 ms): initial copy, 5,000 files of 0-16 KiB, top-heavy tree",
                            lambda s: build_shape(s, "top", 5_000, 16 * 1024), replica_from_source=False,
                            nas_ms=0.5),
@@ -215,11 +221,11 @@ CASES = {
     # a script, sync.py is compiled at every start; imported (the installed
     # command), its cached bytecode is used.
     "startup": Case("--once over an empty tree", lambda s: cache_bytecode(), restore=False, repeat=21, references=(),
-                    others={"python3 -c pass": lambda dst: [sys.executable, "-c", "pass"],
-                            "imported, bytecode cached": lambda dst: [
+                    others={"python3 -c pass": lambda src, dst: [sys.executable, "-c", "pass"],
+                            "imported, bytecode cached": lambda src, dst: [
                                 sys.executable, "-c", "import sys; sys.path.insert(0, sys.argv.pop(1)); "
                                 "import sync; sys.exit(sync.main(sys.argv[1:]))", str(Path(SYNC_PY).parent),
-                                str(dst.parent / "src"), str(dst), "1", str(dst.parent / "sync.log"), "--once", "-q"]}),
+                                str(src), str(dst), "1", str(dst.parent / "sync.log"), "--once", "-q"]}),
     "no-change-1m": Case("no-change pass, 1,000,000 empty files in 20,000 directories (memory)",
                          lambda s: build_small_files(s, 1_000_000, 20_000), restore=False, repeat=1),
 }
@@ -322,15 +328,15 @@ def run_case(key: str, case: Case, base: Path, repeat: int, extra_args=()) -> di
         case.mutate(src)
     log = work / "sync.log"
     commands = {
-        "sync.py": lambda dst: [sys.executable, SYNC_PY, str(src), str(dst), "1", str(log), "--once", "-q",
+        "sync.py": lambda src, dst: [sys.executable, SYNC_PY, str(src), str(dst), "1", str(log), "--once", "-q",
                                 *case.sync_args, *extra_args],
     }
     if shutil.which("rsync"):
         for flags in case.references:
-            commands[f"rsync {flags}"] = lambda dst, flags=flags: [
+            commands[f"rsync {flags}"] = lambda src, dst, flags=flags: [
                 "rsync", flags, "--delete", *case.rsync_args, f"{src}/", f"{dst}/"]
         if case.nas_ms is not None:
-            commands["rsync -a, 8 at once"] = lambda dst: parallel_rsync(src, dst)
+            commands["rsync -a, 8 at once"] = parallel_rsync
     commands.update(case.others)
     samples = {tool: [] for tool in commands}
     replicas = {tool: work / f"dst-{tool.replace(' ', '_')}" for tool in commands}
@@ -345,10 +351,11 @@ def run_case(key: str, case: Case, base: Path, repeat: int, extra_args=()) -> di
                 dst.mkdir()
                 copy_tree(pristine, dst)
             if case.nas_ms is None:
-                samples[tool].append(measure(make_command(dst)))
+                samples[tool].append(measure(make_command(src, dst)))
                 continue
-            with SlowFS(dst, work / "nas", case.nas_ms) as mount:  # mounted afresh: cold caches
-                command = make_command(mount)
+            slow = dst if case.nas_side == "replica" else src
+            with SlowFS(slow, work / "nas", case.nas_ms) as mount:  # mounted afresh: cold caches
+                command = make_command(mount, dst) if slow is src else make_command(src, mount)
                 samples[tool].append(measure(command, shell=isinstance(command, str)))
     shutil.rmtree(work)
     return {tool: (statistics.median(w for w, _, _ in s), statistics.median(c for _, c, _ in s),
