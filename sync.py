@@ -3293,9 +3293,10 @@ class _Walk:
     def walk_split(self, root: _Frame) -> None:
         """Walk the top levels here, breadth first, until they hold a few
         subtrees (SPLIT_MIN_TASKS); hand those to worker processes
-        (_FanOut), which hand folders over among themselves.  The top levels' own events are held, and each folder
-        among them is finished once the subtrees below it are done, so that
-        the log reads as one process walking depth first (see _Order)."""
+        (_FanOut), which hand folders over among themselves.  The top
+        levels' own events are held, and each folder among them is finished
+        once the subtrees below it are done, so that the log reads as one
+        process walking depth first (see _Order)."""
         entered, level, tasks = [], [root], []
         held, below = {}, {}  # frame -> its own events; frame -> the subfolders it returned
         report, completed = self.report, False
