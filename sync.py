@@ -1461,30 +1461,24 @@ def _probe_replica(dd, kind: str = "") -> Stores:
         pd = _open_dir(dd, os.path.basename(path))
         if kind not in LOCAL_KINDS:
             found["latency"] = _probe_latency(pd)
-        found["names"] = _probe_names(pd)
-        found["links"] = _probe_symlinks(pd)
-        found["times"] = _probe_times(pd)
-        probe, probe_fd, out = _create_temp(pd, _create_temp_file)
-        try:
-            target = out if _DIR_FD else probe
-            found["modes"] = _stores_modes(target)
-            found["owners"] = _stores_owners(target)
-            if _XATTRS:
-                # Set, then read back: some file systems (ntfs-3g by default)
-                # accept attributes and ACLs without storing them.
-                found["namespaces"] = frozenset(
-                    space for space in _ALL_NAMESPACES if (space == "user" or _is_root(_CAP_SYS_ADMIN))
-                    and _stores(target, f"{space}.syncpy-probe", b"1"))
-                found["xattrs"] = "user" in found["namespaces"]
-                found["acls"] = _stores(target, _ACL_KEYS[0], _PROBE_ACL)
-            if _HARD_LINKS:
-                second, second_fd = _at(pd, "second")
+        if not found.get("latency"):
+            found["names"] = _probe_names(pd)
+            found["links"] = _probe_symlinks(pd)
+            found["times"] = _probe_times(pd)
+            _probe_metadata(pd, found)
+        else:  # each request waits on a server: the probes run at once
+            import concurrent.futures  # here: only a slow REPLICA's probe needs it
+            with concurrent.futures.ThreadPoolExecutor(3, thread_name_prefix="sync_probe") as pool:
+                parts = {"names": pool.submit(_probe_names, pd, True), "links": pool.submit(_probe_symlinks, pd),
+                         "times": pool.submit(_probe_times, pd)}
                 try:
-                    os.link(probe, second, src_dir_fd=probe_fd, dst_dir_fd=second_fd, follow_symlinks=False)
-                except OSError as err:
-                    found["hard_links"] = err.errno not in (errno.EPERM, errno.EMLINK, *_UNSUPPORTED)
-        finally:
-            os.close(out)
+                    _probe_metadata(pd, found)
+                finally:
+                    for key, part in parts.items():
+                        try:
+                            found[key] = part.result()
+                        except OSError:
+                            pass  # counts as stored, as below
     except OSError:
         pass  # what was found so far stands; the rest counts as stored
     finally:
@@ -1497,6 +1491,33 @@ def _probe_replica(dd, kind: str = "") -> Stores:
         except OSError:
             pass  # a leftover probe folder is removed by the next pass
     return Stores(**found)
+
+
+def _probe_metadata(pd, found: dict) -> None:
+    """Learn, with a file made in the empty folder pd, whether its file
+    system stores permission bits, owners, extended attributes (and in which
+    namespaces), ACLs and hard links; each goes into found once known."""
+    probe, probe_fd, out = _create_temp(pd, _create_temp_file)
+    try:
+        target = out if _DIR_FD else probe
+        found["modes"] = _stores_modes(target)
+        found["owners"] = _stores_owners(target)
+        if _XATTRS:
+            # Set, then read back: some file systems (ntfs-3g by default)
+            # accept attributes and ACLs without storing them.
+            found["namespaces"] = frozenset(
+                space for space in _ALL_NAMESPACES if (space == "user" or _is_root(_CAP_SYS_ADMIN))
+                and _stores(target, f"{space}.syncpy-probe", b"1"))
+            found["xattrs"] = "user" in found["namespaces"]
+            found["acls"] = _stores(target, _ACL_KEYS[0], _PROBE_ACL)
+        if _HARD_LINKS:
+            second, second_fd = _at(pd, "second")
+            try:
+                os.link(probe, second, src_dir_fd=probe_fd, dst_dir_fd=second_fd, follow_symlinks=False)
+            except OSError as err:
+                found["hard_links"] = err.errno not in (errno.EPERM, errno.EMLINK, *_UNSUPPORTED)
+    finally:
+        os.close(out)
 
 
 def _empty_probe_folder(pd) -> None:
@@ -1528,54 +1549,75 @@ def _probe_symlinks(pd) -> bool:
 _PROBE_CHARS = "".join(chr(c) for c in range(1, 128) if not chr(c).isalnum() and chr(c) != "/")
 
 
-def _probe_names(pd) -> Names:
+def _probe_names(pd, apart: bool = False) -> Names:
     """Learn how the file system of the empty folder pd treats names: make
     files under names that tell case-insensitive, refusing and trimming
-    file systems apart, and see what it keeps."""
-    def make(name: str) -> None:
-        path, fd = _at(pd, name)
+    file systems apart, and see what it keeps.  apart: each name is tried
+    in a folder of its own, all at once (on a NAS, where each costs round
+    trips to the server)."""
+    def make(d, name: str) -> None:
+        path, fd = _at(d, name)
         os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_NOFOLLOW | _O_CLOEXEC, 0o600, dir_fd=fd))
 
-    def kept(name: str) -> Optional[str]:
+    def kept(d, name: str) -> Optional[str]:
         """The name the file system lists for a file created as name (None: refused)."""
         try:
-            make(name)
+            make(d, name)
         except OSError as err:
             if err.errno in (errno.EEXIST, errno.EACCES, errno.EROFS, errno.ENOSPC, errno.EDQUOT) \
-                    or os.stat(pd).st_nlink == 0:  # (removed under the probe: raises where by path)
+                    or os.stat(d).st_nlink == 0:  # (removed under the probe: raises where by path)
                 raise  # not about the name: the probe cannot tell
             return None
-        listed = os.listdir(pd)
+        listed = os.listdir(d)
         for other in listed:
-            other_path, other_fd = _at(pd, other)
+            other_path, other_fd = _at(d, other)
             os.unlink(other_path, dir_fd=other_fd)
         return listed[0] if len(listed) == 1 else name
 
-    def same(name: str, other: str) -> bool:
+    def same(d, name: str, other: str) -> bool:
         """Whether a file created as name is found as other."""
-        make(name)
-        path, fd = _at(pd, name)
+        make(d, name)
+        path, fd = _at(d, name)
         try:
-            other_path, other_fd = _at(pd, other)
+            other_path, other_fd = _at(d, other)
             return os.path.exists(other_path) if other_fd is None else _exists_at(other_fd, other)
         finally:
             os.unlink(path, dir_fd=fd)
 
-    fold = "unicode" if same("probe-\u00e9", "PROBE-\u00c9") else "ascii" if same("probe-a", "PROBE-A") else ""
+    def each(function, arguments: list) -> list:
+        """function(folder, *args) for each args, in pd one after another,
+        or (apart) each in a new folder of its own, at once."""
+        if not apart:
+            return [function(pd, *args) for args in arguments]
+
+        def in_a_folder(args):
+            path, fd, _ = _create_temp(pd, lambda path, dir_fd: os.mkdir(path, 0o700, dir_fd=dir_fd))
+            try:
+                d = _open_dir(pd, os.path.basename(path))
+                try:
+                    return function(d, *args)
+                finally:
+                    _empty_probe_folder(d)
+                    _close_dir(d)
+            finally:
+                os.rmdir(path, dir_fd=fd)
+
+        import concurrent.futures  # here: only a slow REPLICA's probe needs it
+        with concurrent.futures.ThreadPoolExecutor(len(arguments), thread_name_prefix="sync_probe") as pool:
+            return list(pool.map(in_a_folder, arguments))
+
+    unicode, ascii = each(same, [("probe-\u00e9", "PROBE-\u00c9"), ("probe-a", "PROBE-A")])
+    fold = "unicode" if unicode else "ascii" if ascii else ""
     inner = [c for c in _PROBE_CHARS if c not in ". "]
-    refuses = ""  # (one name with them all first: on a NAS each file made costs a round trip)
-    if kept(f"a{''.join(inner)}b") is None:
-        refuses = "".join(c for c in inner if kept(f"a{c}b") is None)
-    strips = refused_end = ""
-    for c in ". ":
-        got = kept("a" + c)
-        if got is None:
-            refused_end += c
-        elif got == "a":
-            strips += c
-    reserved = kept("CON") is None or kept("nul.txt") is None
-    utf8 = kept("a\udcffb") is None
-    return Names(fold, strips, refuses, refused_end, reserved, utf8)
+    # One name with all the characters first: each file made costs a round trip on a NAS.
+    together, dot, space, con, nul, not_utf8 = each(kept, [(f"a{''.join(inner)}b",), ("a.",), ("a ",), ("CON",),
+                                                           ("nul.txt",), ("a\udcffb",)])
+    refuses = ""
+    if together is None:
+        refuses = "".join(c for c, got in zip(inner, each(kept, [(f"a{c}b",) for c in inner])) if got is None)
+    strips = "".join(c for c, got in ((".", dot), (" ", space)) if got == "a")
+    refused_end = "".join(c for c, got in ((".", dot), (" ", space)) if got is None)
+    return Names(fold, strips, refuses, refused_end, con is None or nul is None, not_utf8 is None)
 
 
 def _exists_at(dir_fd, name) -> bool:

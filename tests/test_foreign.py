@@ -26,6 +26,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import threading
 
 import pytest
 
@@ -339,3 +340,30 @@ def test_without_hard_links_a_copy_that_fails_leaves_the_old_version_in_place(tm
     assert [e.action for e in events] == ["error"], "no old version is said to be kept"
     assert (dst / "a.txt").read_text() == "version 1\n"
     assert [files for _, _, files in os.walk(trash) if files] == []
+
+
+@pytest.mark.parametrize("kind", ["exfat", "ntfs-windows"])
+def test_a_slow_replicas_probes_run_at_once_and_find_what_they_find_one_at_a_time(stick, monkeypatch, kind):
+    # On a NAS each probe request waits on the server, so the probes (and
+    # each name the name probe tries, in a folder of its own) run at once;
+    # what they find must be what they find one after another, here on file
+    # systems that fold case and refuse names.
+    disk = stick(kind)
+    folder = os.open(disk, os.O_RDONLY)
+    try:
+        one_at_a_time = sync._probe_replica(folder, "ext4")  # a local kind: not timed
+        monkeypatch.setattr(sync, "_probe_latency", lambda pd: 0.002)
+        calls, real_probe_names = [], sync._probe_names
+
+        def probe_names(pd, apart=False):
+            calls.append((apart, threading.current_thread().name))
+            return real_probe_names(pd, apart)
+
+        monkeypatch.setattr(sync, "_probe_names", probe_names)
+        at_once = sync._probe_replica(folder, "fuse")
+    finally:
+        os.close(folder)
+    assert len(calls) == 1 and calls[0][0] and calls[0][1].startswith("sync_probe")
+    assert one_at_a_time.names != sync.Names()  # the probe found something to tell
+    assert at_once == one_at_a_time._replace(kind="fuse", latency=0.002)
+    assert os.listdir(disk) == []
