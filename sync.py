@@ -4540,10 +4540,13 @@ class _FanOut:
         return 0
 
     def hand_out(self, w: _Worker) -> None:
-        """Give w the next range of tasks (there are some left)."""
+        """Give w the next range of tasks (there are some left).  A folder
+        handed over goes alone, in a range of its own: its _Handoff travels
+        with it, and the message stays small."""
         left = len(self.tasks) - self.handed
         size = max(1, min(self.RANGE, left // (4 * len(self.workers))))
-        start, stop = self.handed, self.handed + size
+        start = self.handed
+        stop = min(start + size, self.forked) if start < self.forked else start + 1
         handoffs = {i: self.tasks[i] for i in range(max(start, self.forked), stop)}
         try:
             w.conn.send((start, stop, handoffs))
@@ -4556,9 +4559,14 @@ class _FanOut:
     def feed(self, alive: dict) -> None:
         """Hand out what is left; where a worker is then idle, ask the others
         for folders to hand over; once all are idle, tell them to end."""
-        for ahead in range(1, self.AHEAD + 1):  # a range to each before a second to any
+        # A range to each before a second to any.  A folder handed over goes
+        # only to a worker with no range left, which is waiting for one: a
+        # message the worker is not reading could fill the pipe while it
+        # writes to this process, which then would not be reading either.
+        for ahead in range(1, self.AHEAD + 1):
             for w in alive.values():
-                if not w.told_done and len(w.ranges) < ahead and self.handed < len(self.tasks):
+                if not w.told_done and len(w.ranges) < ahead and self.handed < len(self.tasks) \
+                        and (self.handed < self.forked or not w.ranges):
                     self.hand_out(w)
         idle = [w for w in alive.values() if not w.tasks and not w.told_done]
         if not idle:
