@@ -34,6 +34,21 @@ def append_during_copies(monkeypatch, path, text):
     monkeypatch.setattr(sync, "_copy_bytes", copy_while_written)
 
 
+def count_forks(monkeypatch) -> list:
+    """Note the pid of every child os.fork makes (worker processes) in the
+    list returned, until monkeypatch is undone."""
+    forks, real_fork = [], os.fork
+
+    def fork():
+        pid = real_fork()
+        if pid:
+            forks.append(pid)
+        return pid
+
+    monkeypatch.setattr(os, "fork", fork)
+    return forks
+
+
 def paths(events, action):
     """The sorted paths of the events of one action."""
     return sorted(e.path for e in events if e.action == action)

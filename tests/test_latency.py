@@ -9,6 +9,7 @@ import os
 import pytest
 
 import sync
+from conftest import count_forks
 from trees import assert_mirror, make_tree
 
 
@@ -65,16 +66,7 @@ def test_a_slow_replica_is_named_in_the_probe_line():
 @pytest.mark.skipif(not sync._CAN_FORK, reason="this platform walks in one process")
 def test_a_slow_replica_is_walked_by_more_worker_processes(tmp_path, monkeypatch):
     tree = {f"d{d:02}": {f"s{s}": {"f": f"{d}{s}"} for s in range(3)} for d in range(12)}
-    forks = []
-    real_fork = os.fork
-
-    def fork():
-        pid = real_fork()
-        if pid:
-            forks.append(pid)
-        return pid
-
-    monkeypatch.setattr(os, "fork", fork)
+    forks = count_forks(monkeypatch)
     results = {}
     for latency, slow_workers, processes in ((0.0, 0, 0), (0.0, 5, 2), (0.002, 0, 2), (0.002, 5, 5)):
         src, dst = tmp_path / "src", tmp_path / f"dst{latency}-{slow_workers}"
@@ -97,15 +89,7 @@ def test_a_slow_source_is_said_once_and_walked_by_more_worker_processes(tmp_path
     monkeypatch.setattr(sync, "LOCAL_KINDS", frozenset())  # this disk, timed as if it were a share
     monkeypatch.setattr(sync, "_probe_latency", lambda pd: 0.0)  # the replica is fast
     monkeypatch.setattr(sync, "_probe_source_latency", lambda sd: 0.0021)  # the source is not
-    forks, real_fork = [], os.fork
-
-    def fork():
-        pid = real_fork()
-        if pid:
-            forks.append(pid)
-        return pid
-
-    monkeypatch.setattr(os, "fork", fork)
+    forks = count_forks(monkeypatch)
     src, dst = tmp_path / "src", tmp_path / "dst"
     make_tree(src, {f"d{d:02}": {"f": f"{d}", "s": {"g": "g"}} for d in range(12)})
     mirror = sync.Mirror(src, dst, sync.Options(workers=2, slow_workers=5))

@@ -8,7 +8,7 @@ import time
 import pytest
 
 import sync
-from conftest import sync_once
+from conftest import count_forks, sync_once
 from trees import assert_mirror, leftover_temp_files, make_tree
 
 TREE = {f"dir{d:02}": {f"sub{s}": {f"f{f}.txt": f"{d}-{s}-{f}" for f in range(5)} for s in range(3)}
@@ -222,7 +222,8 @@ def test_a_worker_killed_in_a_range_costs_only_the_subtree_it_was_walking(src, d
 def test_a_worker_that_dies_costs_only_its_own_work(src, dst, monkeypatch):
     make_tree(src, TREE)
     real_serve = sync._FanOut.serve
-    first = []
+    # Only the first child dies: later ones are forked after the parent noted its pid.
+    first = count_forks(monkeypatch)
 
     def serve_or_die(self, *args):
         if not first:  # the first worker forked dies at once, as if killed
@@ -230,16 +231,6 @@ def test_a_worker_that_dies_costs_only_its_own_work(src, dst, monkeypatch):
         return real_serve(self, *args)
 
     monkeypatch.setattr(sync._FanOut, "serve", serve_or_die)
-    # Only the first child dies: later ones are forked after the parent noted its pid.
-    real_fork = os.fork
-
-    def fork():
-        pid = real_fork()
-        if pid:
-            first.append(pid)
-        return pid
-
-    monkeypatch.setattr(os, "fork", fork)
     result, events = sync_once(src, dst, workers=2)
     errors = [e.detail for e in events if e.action == "error"]
     assert len(errors) == 1 and "ended unexpectedly" in errors[0]
