@@ -556,9 +556,9 @@ class Options(_Record):
     # library's default is 1 (all in the caller: a threaded program must not
     # fork); the CLI's is the number of CPUs (DEFAULT_WORKERS).
     workers: int = 1
-    # Processes instead of `workers` where REPLICA's requests are slow (a
-    # NAS, see Stores.latency); 0: `workers` everywhere.  The CLI's default
-    # is SLOW_WORKERS unless --workers is given.
+    # Processes instead of `workers` where SOURCE or REPLICA is slow to
+    # answer (a NAS, see _Walk.slow); 0: `workers` everywhere.  The CLI's
+    # default is SLOW_WORKERS unless --workers is given.
     slow_workers: int = 0
     excludes: Optional["Filters"] = None  # include and exclude rules: paths left out on both sides
     delete_excluded: bool = False  # remove excluded paths from REPLICA after all
@@ -1448,7 +1448,7 @@ def _probe_replica(dd, kind: str = "") -> Stores:
     permission bits, owners, extended attributes, ACLs and hard links, and
     (unless kind is in LOCAL_KINDS) how slow a request is (_probe_latency),
     tried in a temporary folder made there and removed (dd keeps its
-    times).  What the probe cannot try counts as stored: a real failure
+    times); where requests are slow, the probes run at once.  What the probe cannot try counts as stored: a real failure
     is then reported where it happens."""
     try:
         folder = os.stat(dd)
@@ -1606,8 +1606,8 @@ def _probe_names(pd, apart: bool = False) -> Names:
         with concurrent.futures.ThreadPoolExecutor(len(arguments), thread_name_prefix="sync_probe") as pool:
             return list(pool.map(in_a_folder, arguments))
 
-    unicode, ascii = each(same, [("probe-\u00e9", "PROBE-\u00c9"), ("probe-a", "PROBE-A")])
-    fold = "unicode" if unicode else "ascii" if ascii else ""
+    folds_unicode, folds_ascii = each(same, [("probe-\u00e9", "PROBE-\u00c9"), ("probe-a", "PROBE-A")])
+    fold = "unicode" if folds_unicode else "ascii" if folds_ascii else ""
     inner = [c for c in _PROBE_CHARS if c not in ". "]
     # One name with all the characters first: each file made costs a round trip on a NAS.
     together, dot, space, con, nul, not_utf8 = each(kept, [(f"a{''.join(inner)}b",), ("a.",), ("a ",), ("CON",),
