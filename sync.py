@@ -4387,10 +4387,11 @@ class _Order:
 
 class _Donor:
     """A worker's side of handing folders over: the parent says, through a
-    shared byte, that a worker is idle (a new number for each time it asks
-    again); the walk then offers one folder (see _Walk.offer) once per
-    request, sent to the parent at once and replaced in the walk's stack by
-    the _Later that marks where its events go."""
+    shared number (_FanOut.hungry), that a worker is idle (a new number for
+    each time it asks again, 0 for not); the walk then offers one folder
+    (see _Walk.offer) once per request, sent to the parent at once and
+    replaced in the walk's stack by the _Later that marks where its events
+    go."""
 
     def __init__(self, conn, hungry, slot: int):
         self.conn, self.hungry, self.slot = conn, hungry, slot
@@ -4398,11 +4399,11 @@ class _Donor:
         self.given = 0  # folders handed over so far
 
     def wanted(self) -> bool:
-        asked = self.hungry[0]
+        asked = struct.unpack_from("I", self.hungry)[0]
         return asked != 0 and asked != self.answered
 
     def give(self, handoff: _Handoff) -> _Later:
-        self.answered = self.hungry[0]
+        self.answered = struct.unpack_from("I", self.hungry)[0]
         later = _Later(self.slot, self.given)
         self.given += 1
         self.conn.send(("give", later, handoff))
@@ -4456,9 +4457,10 @@ class _FanOut:
         self.walking = mmap.mmap(-1, 8 * main.workers)
         self.walking.write(b"\xff" * len(self.walking))  # -1: none yet
         # And the request for a folder to hand over (see _Donor): 0 none.
-        self.hungry = mmap.mmap(-1, 1)
-        self.asked = 0  # the number of the last request
-        self.given = False  # a folder was handed over since that request
+        self.hungry = mmap.mmap(-1, 4)
+        self.asked = 0  # the number of the last request made
+        self.asking = 0  # the request in force (0: none)
+        self.given = False  # a folder was handed over since it was made
         self.connection = None  # the multiprocessing.connection module, once run() imports it
         self.workers = []
         self.handed = 0  # tasks handed out so far
@@ -4570,18 +4572,24 @@ class _FanOut:
                     self.hand_out(w)
         idle = [w for w in alive.values() if not w.tasks and not w.told_done]
         if not idle:
-            self.hungry[0] = 0
-        elif all(not w.tasks for w in alive.values()):  # nothing is walked anywhere: the end
-            self.hungry[0] = 0
+            self.ask(0)
+        elif not any(w.tasks for w in alive.values()):  # nothing is walked anywhere: the end
+            self.ask(0)
             for w in idle:
                 try:
                     w.conn.send(None)
                 except OSError:
                     pass  # it has just died
                 w.told_done = True
-        elif self.given or not self.hungry[0]:  # ask (again)
-            self.asked = self.asked % 255 + 1
-            self.hungry[0], self.given = self.asked, False
+        elif self.given or not self.asking:  # ask (again)
+            self.ask(self.asked + 1)
+
+    def ask(self, number: int) -> None:
+        """Set the request for a folder to hand over (0: none)."""
+        if number:
+            self.asked = number
+        self.asking, self.given = number, False
+        struct.pack_into("I", self.hungry, 0, number)
 
     def collect(self) -> None:
         """The parent's side: hand out tasks, merge what comes back."""
