@@ -5825,8 +5825,8 @@ def _build_parser() -> argparse.ArgumentParser:
                              "REPLICA or an unmounted drive looks like this)")
     parser.add_argument("--workers", type=parse_count, metavar="N",
                         help="processes that mirror separate subtrees at once (default: the number of "
-                             f"CPUs, at most 8, here {DEFAULT_WORKERS}; {SLOW_WORKERS} onto a REPLICA slow to "
-                             "answer, such as a NAS)")
+                             f"CPUs, at most 8, here {DEFAULT_WORKERS}; {SLOW_WORKERS} where SOURCE or REPLICA "
+                             "is slow to answer, such as a NAS)")
     parser.add_argument("--status-file", metavar="PATH",
                         help="after every pass, replace PATH with the pass's outcome as JSON "
                              "(or, for a name ending in .prom, as Prometheus metrics); see README")

@@ -291,8 +291,8 @@ options:
                         unmounted drive looks like this)
   --workers N           processes that mirror separate subtrees at once
                         (default: the number of CPUs, at most 8, here
-                        {workers}; 16 onto a REPLICA slow to answer, such as a
-                        NAS)
+                        {workers}; 16 where SOURCE or REPLICA is slow to
+                        answer, such as a NAS)
   --status-file PATH    after every pass, replace PATH with the pass's outcome
                         as JSON (or, for a name ending in .prom, as Prometheus
                         metrics); see README
