@@ -15,8 +15,9 @@ For each case the commands run alternately, REPEAT times each:
 
 and the table gives, per reference, each one's median wall time, the ratio
 sync.py / reference, each one's median CPU time (user + system, worker
-processes and rsync's helpers included) and its ratio, and each one's peak
-RSS.
+processes and rsync's helpers included) and its ratio, each one's peak
+RSS (of its largest process), and sync.py's peak memory in all its
+processes together (the summed PSS, see TreeMemory).
 
 Small-file cases come in tree shapes (issue 14): "uniform" (the first
 release's tree: 20 groups of folders, each folder the same size), "top"
@@ -31,7 +32,8 @@ reference.
 
 Wall time is taken around each run; CPU time and peak RSS come from GNU
 time's %U, %S and %M where it is installed, else from wait4() of a child
-started by this small process (never from a fork of a large one).  This file
+started by this small process (never from a fork of a large one); the
+summed PSS from /proc, sampled every 10 ms by a thread here.  This file
 is not collected by pytest: speed is a goal, never a test assertion.
 """
 
@@ -246,27 +248,69 @@ for _key, (_name, _files, _size, _how) in SHAPED.items():
                                          **_how)
 
 
-def measure(command: list[str], shell: bool = False) -> tuple[float, float, int]:
-    """(wall seconds, CPU seconds, peak RSS KiB) of one run of command
-    (CPU: user + system of it and every child it waited for)."""
+class TreeMemory:
+    """The peak, over a run, of the summed PSS (proportional set size: pages
+    shared between processes counted once, shared) of a process and all its
+    descendants, sampled every 10 ms from /proc (Linux; 0 elsewhere).  This
+    is memory "in all processes together": the sum of their RSS would count
+    each page a forked worker shares with its parent once per process."""
+
+    def __init__(self, pid: int):
+        import threading
+        self.pid, self.peak_kib, self.done = pid, 0, threading.Event()
+        self.thread = threading.Thread(target=self.sample, daemon=True)
+        if os.path.exists(f"/proc/{pid}/smaps_rollup"):
+            self.thread.start()
+
+    def tree(self, pid: int) -> list:
+        try:
+            children = open(f"/proc/{pid}/task/{pid}/children").read().split()
+        except OSError:
+            return [pid]
+        return [pid] + [p for child in children for p in self.tree(int(child))]
+
+    @staticmethod
+    def pss_kib(pid: int) -> int:
+        try:
+            with open(f"/proc/{pid}/smaps_rollup") as rollup:
+                return next((int(line.split()[1]) for line in rollup if line.startswith("Pss:")), 0)
+        except OSError:
+            return 0  # it has just ended
+
+    def sample(self) -> None:
+        while not self.done.wait(0.01):
+            self.peak_kib = max(self.peak_kib, sum(self.pss_kib(p) for p in self.tree(self.pid)))
+
+    def stop(self) -> int:
+        self.done.set()
+        if self.thread.is_alive():
+            self.thread.join()
+        return self.peak_kib
+
+
+def measure(command: list[str], shell: bool = False) -> tuple[float, float, int, int]:
+    """(wall seconds, CPU seconds, peak RSS KiB, peak summed PSS KiB) of one
+    run of command (CPU: user + system of it and every child it waited for;
+    RSS: of its largest process; PSS: of all its processes together, see
+    TreeMemory)."""
     gnu_time = shutil.which("time", path="/usr/bin:/bin")
     if shell:
         command = ["sh", "-c", command]
-    if gnu_time:
-        with tempfile.NamedTemporaryFile("r") as out:
-            started = time.perf_counter()
-            subprocess.run([gnu_time, "-o", out.name, "-f", "%U %S %M", *command],
-                           check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            wall = time.perf_counter() - started
+    with tempfile.NamedTemporaryFile("r") as out:
+        if gnu_time:
+            command = [gnu_time, "-o", out.name, "-f", "%U %S %M", *command]
+        started = time.perf_counter()
+        proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        memory = TreeMemory(proc.pid)
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - started
+        pss = memory.stop()
+        if status:
+            raise RuntimeError(f"{command} failed")
+        if gnu_time:
             user, system, rss = out.read().split()[-3:]
-            return wall, float(user) + float(system), int(rss)
-    started = time.perf_counter()
-    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - started
-    if status:
-        raise RuntimeError(f"{command} failed")
-    return wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss
+            return wall, float(user) + float(system), int(rss), pss
+    return wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss, pss
 
 
 class SlowFS:
@@ -312,7 +356,7 @@ def parallel_rsync(src: Path, dst: Path) -> str:
 
 
 def run_case(key: str, case: Case, base: Path, repeat: int, extra_args=()) -> dict:
-    """{tool: (median wall s, median CPU s, peak RSS KiB)}"""
+    """{tool: (median wall s, median CPU s, peak RSS KiB, peak summed PSS KiB)}"""
     work = base / key
     shutil.rmtree(work, ignore_errors=True)
     src, pristine = work / "src", work / "pristine"
@@ -358,8 +402,8 @@ def run_case(key: str, case: Case, base: Path, repeat: int, extra_args=()) -> di
                 command = make_command(mount, dst) if slow is src else make_command(src, mount)
                 samples[tool].append(measure(command, shell=isinstance(command, str)))
     shutil.rmtree(work)
-    return {tool: (statistics.median(w for w, _, _ in s), statistics.median(c for _, c, _ in s),
-                   max(m for _, _, m in s)) for tool, s in samples.items()}
+    return {tool: (statistics.median(w for w, _, _, _ in s), statistics.median(c for _, c, _, _ in s),
+                   max(m for _, _, m, _ in s), max(p for _, _, _, p in s)) for tool, s in samples.items()}
 
 
 def main() -> None:
@@ -379,8 +423,9 @@ def main() -> None:
     print(f"trees under {base} ({where}); {args.repeat} runs each; Python {sys.version.split()[0]}; {rsync}; "
           f"{os.cpu_count()} CPUs; sync.py options: {args.sync_args or '(defaults)'}")
     print("| case | reference | sync.py median s | reference median s | ratio | sync.py CPU s "
-          "| reference CPU s | CPU ratio | sync.py peak RSS MiB | reference peak RSS MiB |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "| reference CPU s | CPU ratio | sync.py peak RSS MiB | reference peak RSS MiB "
+          "| sync.py all processes MiB |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     try:
         for key in args.cases or CASES:
             case = CASES[key]
@@ -390,14 +435,14 @@ def main() -> None:
             result = run_case(key, case, base, args.repeat, args.sync_args.split())
             ours = result.pop("sync.py")
             if not result:
-                print(f"| {key} | - | {ours[0]:.3f} | - | - | {ours[1]:.2f} | - | - | {ours[2] / 1024:.1f} | - |",
-                      flush=True)
+                print(f"| {key} | - | {ours[0]:.3f} | - | - | {ours[1]:.2f} | - | - | {ours[2] / 1024:.1f} | - "
+                      f"| {ours[3] / 1024:.1f} |", flush=True)
             for reference, theirs in result.items():
                 said = f"{reference} --delete" if reference in (f"rsync {f}" for f in case.references) else reference
                 print(f"| {key}: {case.name} | {said} | {ours[0]:.3f} | {theirs[0]:.3f} | "
                       f"{ours[0] / theirs[0]:.2f} | {ours[1]:.2f} | {theirs[1]:.2f} | "
                       f"{ours[1] / theirs[1] if theirs[1] else float('nan'):.2f} | "
-                      f"{ours[2] / 1024:.1f} | {theirs[2] / 1024:.1f} |", flush=True)
+                      f"{ours[2] / 1024:.1f} | {theirs[2] / 1024:.1f} | {ours[3] / 1024:.1f} |", flush=True)
     finally:
         shutil.rmtree(base, ignore_errors=True)
 
