@@ -2494,6 +2494,11 @@ class _Step(NamedTuple):
 _FILE_STEPS = frozenset({"copy", "update", "compare", "attrs"})
 
 
+def _files_last(step: _Step) -> bool:
+    """Sort key: a folder's links and subfolders before its files."""
+    return step.want.kind == FILE
+
+
 def _steps(wanted: dict, dst: dict, keep: set, checksum: bool, window: int, times: Times,
            meta: Keep = Keep(), src_x: dict = _NO_XATTRS, dst_x: dict = _NO_XATTRS) -> list:
     """What each wanted entry needs, in name order, once the walk has
@@ -2609,6 +2614,7 @@ class _Outcome(NamedTuple):
 
 
 _STOPPED = _Outcome("stopped")
+_SAME = _Outcome("same")
 
 
 class _Done:
@@ -3560,18 +3566,22 @@ class _Walk:
                        self.keep, listing.src_x, listing.dst_x)
         if options.explain:
             self.explain_steps(rel, plan.wanted, dst, keep, steps)
-        for step in steps:
+        # Links and subfolders first, then files (README: Order): each
+        # group's lines in name order, whatever waits on a copy thread.
+        for step in sorted(steps, key=_files_last):
             if self.stopping():
                 break
             if step.attrs.missed:
                 self.missed(step.attrs.missed)
             if step.kind == "compare" and step.name in moved:
                 step = step._replace(kind="attrs")  # compared by sync_moves already
-            if step.kind in _FILE_STEPS:
+            if step.kind in _FILE_STEPS and step.want.kind == FILE:
                 self.sync_file(frame, step, pending)
             elif step.kind == "hardlinked":
                 st = step.want.st
                 self.links.append((st.st_dev, st.st_ino, frame.rel, step.name))
+            elif step.kind == "attrs":  # a link's owner or time
+                self.sync_attrs(frame, step.name, _join(rel, step.name), step.want, step.have, step.attrs)
             elif step.kind in ("link", "relink"):
                 self.sync_link(frame, step)
             else:
@@ -3763,18 +3773,16 @@ class _Walk:
         return moved
 
     def sync_file(self, frame, step: _Step, pending: list) -> None:
-        """Carry out one file step: a change of metadata now (of a link too),
-        the rest (compare, copy) queued on pending, in a thread when the
-        file is large."""
+        """Queue one file step on pending: a copy or compare (in a thread
+        when the file is large), or a change of metadata, done by settle()."""
         rel = _join(frame.rel, step.name)
-        if step.kind == "attrs":
-            if step.attrs.letters:
-                self.sync_attrs(frame, step.name, rel, step.want, step.have, step.attrs)
+        if step.kind == "attrs":  # set when its turn comes in settle(), in name order
+            job = _Done(_SAME)
+        elif not self.prepare(frame):
             return
-        if not self.prepare(frame):
-            return
-        job = self.do.submit(step.want.st.st_size >= PARALLEL_MIN_SIZE, self.do.file_work,
-                             frame.sd, frame.dd, step.name, step, rel)
+        else:
+            job = self.do.submit(step.want.st.st_size >= PARALLEL_MIN_SIZE, self.do.file_work,
+                                 frame.sd, frame.dd, step.name, step, rel)
         pending.append((step, rel, job))
         if len(pending) >= PENDING_LIMIT:
             self.settle(frame, pending)

@@ -417,3 +417,38 @@ def test_whole_second_times_are_never_matched(src, dst):
     result, events = sync_once(src, dst)
     assert "move" not in [e.action for e in events]
     assert_mirror(src, dst)
+
+
+@pytest.mark.parametrize("workers", [1, 3])
+def test_a_folders_lines_come_in_the_documented_order(src, dst, monkeypatch, workers):
+    # README, Order: renames, removals, then links and new subfolders, then
+    # files, each in name order; then the subfolders.  Names alternate
+    # between kinds, and settling every 2 queued files (not 256) shows
+    # whether a batch of copies slips in among the links.
+    monkeypatch.setattr(sync, "PENDING_LIMIT", 2)
+    make_tree(src, {"a": "a", "b0": "x", "c": "c", "f": Link("a"), "g": "g", "m": File("mm" * 500, mtime_ns=7),
+                    "sub": {"y": "y"}, "zz": "zz", "zz-dir": {"q": "q"}})
+    sync_once(src, dst)
+    (src / "a").write_text("a changed")
+    (src / "b").symlink_to("c")
+    os.chmod(src / "c", 0o600)
+    (src / "d").mkdir()
+    (src / "d" / "x").write_text("x")
+    (src / "e").write_text("new")
+    (src / "f").unlink()
+    (src / "f").symlink_to("g")
+    (src / "g").write_text("g changed")
+    (src / "h").write_text("new")
+    os.rename(src / "m", src / "n")
+    (src / "sub" / "y").write_text("y changed")
+    (src / "b0").unlink()
+    (src / "zz").unlink()
+    shutil.rmtree(src / "zz-dir")
+    result, events = sync_once(src, dst, workers=workers)
+    assert [(e.action, e.path) for e in events] == [
+        ("move", "n"), ("remove", "b0"), ("remove", "zz"), ("remove", "zz-dir/q"), ("rmdir", "zz-dir"),
+        ("link", "b"), ("mkdir", "d"), ("relink", "f"),
+        ("update", "a"), ("attrs", "c"), ("copy", "e"), ("update", "g"), ("copy", "h"),
+        ("copy", "d/x"), ("update", "sub/y")]
+    assert result.exact
+    assert_mirror(src, dst)
