@@ -9,7 +9,7 @@ import pytest
 
 import sync
 from conftest import count_forks, sync_once
-from trees import assert_mirror, leftover_temp_files, make_tree
+from trees import Link, assert_mirror, diff, leftover_temp_files, make_tree, snapshot
 
 TREE = {f"dir{d:02}": {f"sub{s}": {f"f{f}.txt": f"{d}-{s}-{f}" for f in range(5)} for s in range(3)}
         for d in range(12)}
@@ -254,3 +254,183 @@ def test_a_stop_request_reaches_the_workers(src, dst):
             assert (dst / rel).read_bytes() == (src / rel).read_bytes()
     assert sync_once(src, dst, workers=2)[0].exact
     assert_mirror(src, dst)
+
+
+# One folder of 60 files beside a few others: with SLICE_MIN lowered, its
+# files are cut into slices, one per worker process.
+FLAT = {"flat": {**{f"f{i:03}": f"file {i}" for i in range(60)}, "link": Link("f001"), "sub": {"x": "x"},
+                 "c": "excluded"},
+        "other": {"y": "y"}}
+
+
+def note_slices(monkeypatch, path):
+    """Append a line to path for each slice mirrored, in whichever process."""
+    real = sync._Walk.mirror_slice
+
+    def mirror_slice(self, frame, steps, unexamined, *args):
+        with open(path, "a") as f:
+            f.write(f"{frame.rel} {len(steps) + len(unexamined)}\n")
+        return real(self, frame, steps, unexamined, *args)
+
+    monkeypatch.setattr(sync._Walk, "mirror_slice", mirror_slice)
+
+
+def change_flat(src):
+    flat = src / "flat"
+    for i in (5, 25, 35, 45, 58):  # in every slice
+        (flat / f"f{i:03}").write_text("changed")
+    os.chmod(flat / "f010", 0o600)
+    (flat / "f020").unlink()
+    os.rename(flat / "f030", flat / "g030")  # a rename, matched by the main listing
+    (flat / "f040").unlink()
+    (flat / "f040").mkdir()  # a file that became a folder
+    (flat / "f041").unlink()
+    (flat / "f041").symlink_to("f001")
+    os.link(flat / "f050", flat / "h050")  # a second name: left to the hard-link phase
+    (flat / "new").write_text("new")
+    (flat / "c").write_text("still excluded")
+    try:
+        os.setxattr(flat / "f055", "user.k", b"v")
+    except OSError:
+        pass  # a file system without them here
+
+
+def test_a_big_folder_cut_into_slices_gives_the_same_events_in_the_same_order(tmp_path, monkeypatch):
+    monkeypatch.setattr(sync, "SLICE_MIN", 10)
+    note_slices(monkeypatch, tmp_path / "slices")
+    results = {}
+    for workers in (1, 3):
+        src, dst = tmp_path / f"src{workers}", tmp_path / f"dst{workers}"
+        make_tree(src, FLAT)
+        runs = [sync_once(src, dst, workers=workers, excludes=sync.Excludes(["c"]))]
+        change_flat(src)
+        runs.append(sync_once(src, dst, workers=workers, excludes=sync.Excludes(["c"])))
+        runs.append(sync_once(src, dst, workers=workers, excludes=sync.Excludes(["c"])))
+        for result, _ in runs:
+            assert result.exact
+        mirrored = {rel: value for rel, value in snapshot(src).items() if rel != b"flat/c"}
+        assert diff(mirrored, snapshot(dst)) == []
+        assert runs[2][1] == []
+        results[workers] = [(r.counts, r.bytes_copied, r.errors, [(e.action, e.path, e.detail) for e in events])
+                            for r, events in runs]
+    assert results[3] == results[1]
+    # Each pass cut "flat" into three slices (the first pass for its 60
+    # copies: nothing was on both sides yet).
+    slices = (tmp_path / "slices").read_text().split("\n")[:-1]
+    assert len(slices) == 9 and {line.split()[0] for line in slices} == {"flat"}, slices
+
+
+def test_a_slice_whose_process_dies_costs_only_that_slice(tmp_path, src, dst, monkeypatch):
+    monkeypatch.setattr(sync, "SLICE_MIN", 10)
+    make_tree(src, FLAT)
+    sync_once(src, dst, workers=3)
+    for i in range(60):
+        (src / "flat" / f"f{i:03}").write_text(f"changed {i}")
+    real, owner = sync._Walk.mirror_slice, os.getpid()
+
+    def mirror_slice(self, frame, steps, unexamined, *args):
+        if os.getpid() != owner and "f025" in unexamined:  # the second slice's process
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real(self, frame, steps, unexamined, *args)
+
+    monkeypatch.setattr(sync._Walk, "mirror_slice", mirror_slice)
+    result, events = sync_once(src, dst, workers=3)
+    errors = [(e.path, e.detail) for e in events if e.action == "error"]
+    assert len(errors) == 1 and errors[0][0] == "flat" and "ended unexpectedly" in errors[0][1]
+    assert not result.exact
+    updated = {e.path for e in events if e.action == "update"}
+    assert "flat/f000" in updated and "flat/f059" in updated and "flat/f025" not in updated
+    assert (dst / "flat" / "f025").read_text() == "file 25"  # the old version, whole
+    assert leftover_temp_files(dst) == []
+    monkeypatch.undo()
+    assert sync_once(src, dst, workers=3)[0].exact
+    assert_mirror(src, dst)
+
+
+@pytest.mark.parametrize("change", ["vanished", "became a folder", "replica became a folder"])
+def test_a_file_that_changes_between_the_listing_and_its_slice_waits_for_the_next_pass(src, dst, monkeypatch,
+                                                                                       change):
+    monkeypatch.setattr(sync, "SLICE_MIN", 10)
+    make_tree(src, {f"f{i:02}": str(i) for i in range(30)})
+    sync_once(src, dst, workers=2)
+    real = sync._list_pair_for_slices
+
+    def list_then_change(frame, keep, slice_min):
+        listing = real(frame, keep, slice_min)
+        if change == "vanished":
+            (src / "f20").unlink()
+        elif change == "became a folder":
+            (src / "f20").unlink()
+            (src / "f20").mkdir()
+        else:
+            (dst / "f20").unlink()
+            (dst / "f20").mkdir()
+        return listing
+
+    monkeypatch.setattr(sync, "_list_pair_for_slices", list_then_change)
+    result, events = sync_once(src, dst, workers=2)
+    said = [(e.action, e.path, e.detail) for e in events]
+    assert said == {"vanished": [("vanished", "f20", "")],
+                    "became a folder": [("changed", "f20", "no longer a regular file")],
+                    "replica became a folder": [("error", "f20", "the replica file was replaced by another kind of "
+                                                                 "entry during the pass; the next pass mirrors it")],
+                    }[change]
+    assert not result.exact
+    monkeypatch.undo()
+    assert sync_once(src, dst, workers=2)[0].exact
+    assert_mirror(src, dst)
+
+
+def test_a_stop_request_reaches_the_slices(src, dst, monkeypatch):
+    monkeypatch.setattr(sync, "SLICE_MIN", 10)
+    make_tree(src, {f"f{i:03}": "x" for i in range(300)})
+    sync_once(src, dst, workers=2)
+    for i in range(300):
+        (src / f"f{i:03}").write_text(f"changed {i}")
+    real, owner = sync._Walk.mirror_slice, os.getpid()
+
+    def mirror_slice(self, frame, *args):
+        if os.getpid() != owner:  # the second slice waits for the request (polling, at most 60 s)
+            deadline = time.monotonic() + 60
+            while not self.should_stop() and time.monotonic() < deadline:
+                time.sleep(0.001)
+        return real(self, frame, *args)
+
+    monkeypatch.setattr(sync._Walk, "mirror_slice", mirror_slice)
+    seen = []
+    # Asked to stop once the first slice has updated f010.
+    result = sync.run_pass(src, dst, sync.Options(workers=2), seen.append,
+                           should_stop=lambda: (dst / "f010").read_text() != "x")
+    assert result.interrupted and not result.exact
+    updated = [e.path for e in seen if e.action == "update"]
+    assert "f010" in updated and len(updated) < 150  # none of the second slice
+    assert leftover_temp_files(dst) == []
+    monkeypatch.undo()
+    assert sync_once(src, dst, workers=2)[0].exact
+    assert_mirror(src, dst)
+
+
+@pytest.mark.parametrize("why", ["not a local file system", "names that fold"])
+def test_no_slices_over_a_network_or_onto_names_that_fold(tmp_path, src, dst, monkeypatch, why):
+    # Over NFS or FUSE a stat after the listing costs a round trip each; a
+    # name that folds is planned with the whole folder's names in view.
+    monkeypatch.setattr(sync, "SLICE_MIN", 10)
+    note_slices(monkeypatch, tmp_path / "slices")
+    if why == "not a local file system":
+        monkeypatch.setattr(sync, "LOCAL_KINDS", frozenset())
+        monkeypatch.setattr(sync, "_probe_latency", lambda pd: 0.0)  # and not slow either
+    else:
+        monkeypatch.setattr(sync, "_probe_names", lambda pd, apart=False: sync.Names(fold="ascii"))
+    make_tree(src, {f"f{i:02}": str(i) for i in range(30)})
+    sync_once(src, dst, workers=2)
+    for i in range(30):
+        (src / f"f{i:02}").write_text("changed")
+    result, events = sync_once(src, dst, workers=2)
+    assert result.exact and [e.action for e in events].count("update") == 30
+    assert not (tmp_path / "slices").exists()
+    monkeypatch.undo()
+    note_slices(monkeypatch, tmp_path / "slices")
+    monkeypatch.setattr(sync, "SLICE_MIN", 10)
+    (src / "f00").write_text("again")
+    assert sync_once(src, dst, workers=2)[0].exact
+    assert (tmp_path / "slices").exists()  # the same folder, once these hold
