@@ -3706,14 +3706,17 @@ class _Walk:
         would have.  Each slice only reads the folder's listing and writes
         files: renames, removals and subfolders are done before."""
         unexamined.sort()
-        names = sorted(unexamined + [step.name for step in steps])
+        decided = [step.name for step in steps]  # (in name order, as _steps makes them)
+        names = sorted(unexamined + decided)
         size = -(-len(names) // self.workers)
         firsts = names[size::size]  # the first name of each slice after the first
-        parts = [([], []) for _ in range(len(firsts) + 1)]
-        for step in steps:
-            parts[bisect.bisect_right(firsts, step.name)][0].append(step)
-        for name in unexamined:
-            parts[bisect.bisect_right(firsts, name)][1].append(name)
+
+        def cut(items: list, keys: list) -> list:
+            """items (sorted as their keys) in one run per slice."""
+            ends = [bisect.bisect_left(keys, first) for first in firsts]
+            return [items[start:end] for start, end in zip([0, *ends], [*ends, len(items)])]
+
+        parts = list(zip(cut(steps, decided), cut(unexamined, unexamined)))
         needed = frame.dst_mode is not None and frame.dst_mode | stat.S_IRWXU != frame.dst_mode
         if needed and not frame.writable and not self.prepare(frame):
             return  # reported: nothing can be written here
@@ -6094,6 +6097,22 @@ def _raise_open_file_limit() -> None:
             pass  # keep the lower limit: a too-deep tree then fails per item, logged
 
 
+@contextlib.contextmanager
+def _collecting_garbage_less_often():
+    """A pass makes an object or two per entry, nearly all freed as soon as
+    their folder is done, and the collector's sweeps for cycles among them
+    cost a pass over one folder of 100,000 files 7% of its time: a sweep
+    waits for 50,000 new objects instead of 700.  The only cycles a pass
+    makes are caught exceptions, still collected as it goes."""
+    import gc
+    before = gc.get_threshold()
+    gc.set_threshold(50_000, 20, 100)
+    try:
+        yield
+    finally:
+        gc.set_threshold(*before)
+
+
 class _StopSignals:
     """Ctrl-C (SIGINT), SIGTERM and SIGHUP, as the loop sees them: the first
     asks the pass, or the sleep, to end after the current item; a second one
@@ -6558,13 +6577,14 @@ def main(argv=None) -> int:
         heart = _Heartbeat(signals)
         reporter.notifier.start_watchdog(heart.alive)
     try:
-        reporter.started()
-        if args.once:
-            reporter.pass_done(mirror.run_pass(reporter.event, heart.is_set, reporter.checked, heart.aborted))
-        else:
-            run_periodically(args.source, args.replica, args.interval, settings.options, reporter.event,
-                             reporter.pass_done, heart, progress=reporter.checked,
-                             abort=heart.aborted, mirror=mirror)
+        with _collecting_garbage_less_often():
+            reporter.started()
+            if args.once:
+                reporter.pass_done(mirror.run_pass(reporter.event, heart.is_set, reporter.checked, heart.aborted))
+            else:
+                run_periodically(args.source, args.replica, args.interval, settings.options, reporter.event,
+                                 reporter.pass_done, heart, progress=reporter.checked,
+                                 abort=heart.aborted, mirror=mirror)
     except Exception:
         reporter.crashed()
         return EXIT_BUG

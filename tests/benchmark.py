@@ -242,7 +242,9 @@ SHAPED = {  # the small-file cases, each also in the other tree shapes
                          dict(mutate=change_one_percent_each, references=FIDELITY)),
 }
 for _key, (_name, _files, _size, _how) in SHAPED.items():
-    for _shape in ("top", "deep", "wide"):
+    for _shape in ("top", "deep", "wide", "flat"):
+        if _key == "no-change-100k" and _shape == "flat":
+            continue  # no-change-flat-100k, named so before the other shapes came
         CASES[f"{_key}-{_shape}"] = Case(_name.format(_shape),
                                          lambda s, shape=_shape, n=_files, size=_size: build_shape(s, shape, n, size),
                                          **_how)
