@@ -3661,8 +3661,9 @@ class _Walk:
                 return children
             if step.attrs.missed:
                 self.missed(step.attrs.missed)
-            if step.kind == "attrs":  # a link's owner or time
-                self.sync_attrs(frame, step.name, _join(rel, step.name), step.want, step.have, step.attrs)
+            if step.kind == "attrs":  # a link's owner or time (or only an owner this process may not give)
+                if step.attrs.letters:
+                    self.sync_attrs(frame, step.name, _join(rel, step.name), step.want, step.have, step.attrs)
             elif step.kind in ("link", "relink"):
                 self.sync_link(frame, step)
             else:
