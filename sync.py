@@ -3718,6 +3718,8 @@ class _Walk:
             return [items[start:end] for start, end in zip([0, *ends], [*ends, len(items)])]
 
         parts = list(zip(cut(steps, decided), cut(unexamined, unexamined)))
+        self.explain(frame.rel, f"files in {len(parts)} slices of about {size:,} by name, each mirrored by a "
+                                "process of its own")
         needed = frame.dst_mode is not None and frame.dst_mode | stat.S_IRWXU != frame.dst_mode
         if needed and not frame.writable and not self.prepare(frame):
             return  # reported: nothing can be written here

@@ -314,10 +314,13 @@ def test_a_big_folder_cut_into_slices_gives_the_same_events_in_the_same_order(tm
         results[workers] = [(r.counts, r.bytes_copied, r.errors, [(e.action, e.path, e.detail) for e in events])
                             for r, events in runs]
     assert results[3] == results[1]
+    said = sync_once(src, dst, workers=3, explain=True)[1]
+    assert [(e.path, e.detail) for e in said if "slices" in e.detail] == [
+        ("flat", "files in 3 slices of about 20 by name, each mirrored by a process of its own")]
     # Each pass cut "flat" into three slices (the first pass for its 60
-    # copies: nothing was on both sides yet).
+    # copies: nothing was on both sides yet), and so did the one with -v.
     slices = (tmp_path / "slices").read_text().split("\n")[:-1]
-    assert len(slices) == 9 and {line.split()[0] for line in slices} == {"flat"}, slices
+    assert len(slices) == 12 and {line.split()[0] for line in slices} == {"flat"}, slices
 
 
 def test_a_slice_whose_process_dies_costs_only_that_slice(tmp_path, src, dst, monkeypatch):
