@@ -140,3 +140,21 @@ def test_a_link_whose_owner_this_process_may_not_give_is_counted_every_pass(unpr
         assert proc.returncode == 0, proc.stderr
         assert "only root may give" in log.read_text().splitlines()[-2]
     assert "internal error" not in log.read_text()
+
+
+def test_a_read_only_folder_big_enough_for_slices_is_opened_once_and_closed_after(unprivileged):
+    # 8,200 files (more than sync.SLICE_MIN): the folder's files go to three
+    # processes at once, and the folder must be writable for all of them
+    # before any starts, then get its mode back.
+    files = {f"f{i:05}": "" for i in range(8_200)}
+    src, dst, log = setup_trees(unprivileged, {"ro": Dir(files, mode=0o555)})
+    assert unprivileged.run(src, dst, 1, log, "--once", "--workers", "3").returncode == 0
+    os.chmod(src / "ro", 0o755)
+    for name in ("f04100", "f08199"):  # in the second and third slices, not in the folder's own process
+        (src / "ro" / name).write_text("changed")
+    os.chmod(src / "ro", 0o555)
+    proc = unprivileged.run(src, dst, 1, log, "--once", "--workers", "3", "-v")
+    assert proc.returncode == 0, log.read_text()[-3000:]
+    assert "ro: files in 3 slices" in log.read_text()
+    assert stat.S_IMODE(os.stat(dst / "ro").st_mode) == 0o555
+    assert_mirror(src, dst)
