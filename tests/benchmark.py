@@ -210,6 +210,8 @@ CASES = {
                                 lambda s: build_shape(s, "flat", 100_000), restore=False),
     "nas-no-change-20k": Case("NAS replica (2 ms a request): no-change pass, 20,000 files, top-heavy tree",
                               lambda s: build_shape(s, "top", 20_000, 1024), restore=False, nas_ms=2.0),
+    "nas-no-change-flat-20k": Case("NAS replica (2 ms): no-change pass, one folder holding 20,000 files",
+                                   lambda s: build_shape(s, "flat", 20_000, 1024), restore=False, nas_ms=2.0),
     "nas-incremental-20k": Case("NAS replica (2 ms): 20,000 files, 1% modified, deleted, added",
                                 lambda s: build_shape(s, "top", 20_000, 1024), mutate=change_one_percent_each,
                                 nas_ms=2.0),
