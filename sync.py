@@ -3706,6 +3706,8 @@ class _Walk:
         lines are reported after its own, slice by slice, as one process
         would have.  Each slice only reads the folder's listing and writes
         files: renames, removals and subfolders are done before."""
+        if self.stopping():
+            return
         unexamined.sort()
         decided = [step.name for step in steps]  # (in name order, as _steps makes them)
         names = sorted(unexamined + decided)
