@@ -2526,9 +2526,6 @@ class _Step(NamedTuple):
     attrs: _Attrs = _NO_ATTRS  # the metadata the replica entry gets (see _attrs)
 
 
-_FILE_STEPS = frozenset({"copy", "update", "compare", "attrs"})
-
-
 def _steps(wanted: dict, dst: dict, keep: set, checksum: bool, window: int, times: Times,
            meta: Keep = Keep(), src_x: dict = _NO_XATTRS, dst_x: dict = _NO_XATTRS) -> list:
     """What each wanted entry needs, in name order, once the walk has
