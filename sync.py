@@ -166,18 +166,18 @@ _CAN_FORK = hasattr(os, "fork") and sys.platform != "darwin"  # fork is unsafe o
 # for long: files from this size are copied and compared by a few threads.
 PARALLEL_MIN_SIZE = 1 << 20
 LARGE_FILE_THREADS = 4
-# ...and where each request waits on a network: on a REPLICA where creating
-# and removing a file takes this long (a NAS; local disks and USB sticks
-# through FUSE take 10-120 us, measured), every file's copy goes to a pool
-# of this many threads, so that their waits overlap (on a FUSE file system
-# adding 0.5 ms a request, an initial copy of 5,000 small files took 16 s
-# instead of 23 s).
-SLOW_REQUEST = 0.0005
+# ...and where each request waits on a network: on a REPLICA where looking
+# a name up takes this long (one round trip to a NAS; local disks and USB
+# sticks through FUSE take about 20 us, measured), every file's copy goes to
+# a pool of this many threads, so that their waits overlap (on a FUSE file
+# system adding 0.5 ms a request, an initial copy of 5,000 small files took
+# 16 s instead of 23 s).
+SLOW_REQUEST = 0.00025
 LATENCY_THREADS = 16
 # A SOURCE where opening a folder takes this long is as slow (a NAS): such
 # an open is one round trip to the server (NFS asks for the folder's
-# attributes, SMB opens a handle, FUSE sends OPENDIR), where creating and
-# removing a file is two or more.
+# attributes, SMB opens a handle, FUSE sends OPENDIR), as looking a name
+# up in REPLICA is (SLOW_REQUEST).
 SLOW_OPEN = 0.00025
 # Kernel file systems on a local disk (or in memory) are never timed: their
 # requests do not wait on a network, and on a busy machine the timing alone
@@ -788,7 +788,7 @@ class Stores(NamedTuple):
     hard_links: bool = True
     links: bool = True  # symbolic links
     names: Names = Names()
-    # Seconds to create and remove a file there, where that is at least
+    # Seconds to look a name up there, where that is at least
     # SLOW_REQUEST (a network share: small files are then copied in threads);
     # 0.0 where it is faster.
     latency: float = 0.0
@@ -807,7 +807,7 @@ class Stores(NamedTuple):
             ("ACLs", self.acls), ("hard links", self.hard_links), ("links", self.links)) if not stored]
         if self.latency:
             processes = f"{workers} worker processes, " if workers > 1 else ""
-            parts.append(f"slow requests ({self.latency * 1000:.1f} ms to create and remove a file: "
+            parts.append(f"slow requests ({self.latency * 1000:.1f} ms to look up a name: "
                          f"{processes}files are copied {LATENCY_THREADS} at once)")
         return ", ".join(parts + self.names.describe())
 
@@ -1449,15 +1449,18 @@ def _probe_times(dd) -> Times:
             pass  # the walk sets it anyway when the pass goes on
 
 
-def _probe_latency(pd, clock=time.perf_counter) -> float:
-    """Seconds to create and remove a file in folder pd (the fastest of
-    three tries), where that is at least SLOW_REQUEST; else 0.0."""
+def _probe_latency(dd, clock=time.perf_counter) -> float:
+    """Seconds to look up a name that folder dd does not hold (the fastest
+    of three tries, each a new name, so that no cache can answer), where
+    that is at least SLOW_REQUEST; else 0.0.  Nothing is written."""
     fastest = float("inf")
     for _ in range(3):
+        path, fd = _at(dd, _temp_name())
         started = clock()
-        path, fd, out = _create_temp(pd, _create_temp_file)
-        os.close(out)
-        os.unlink(path, dir_fd=fd)
+        try:
+            os.stat(path, dir_fd=fd, follow_symlinks=False)
+        except FileNotFoundError:
+            pass
         fastest = min(fastest, clock() - started)
     return fastest if fastest >= SLOW_REQUEST else 0.0
 
@@ -1480,7 +1483,7 @@ def _probe_replica(dd, kind: str = "") -> Stores:
     permission bits, owners, extended attributes, ACLs and hard links, and
     (unless kind is in LOCAL_KINDS) how slow a request is (_probe_latency),
     tried in a temporary folder made there and removed (dd keeps its
-    times); where requests are slow, the probes run at once.  What the probe cannot try counts as stored: a real failure
+    times).  What the probe cannot try counts as stored: a real failure
     is then reported where it happens."""
     try:
         folder = os.stat(dd)
@@ -1490,27 +1493,16 @@ def _probe_replica(dd, kind: str = "") -> Stores:
     found = {"kind": kind}
     pd = None
     try:
-        pd = _open_dir(dd, os.path.basename(path))
         if kind not in LOCAL_KINDS:
-            found["latency"] = _probe_latency(pd)
+            found["latency"] = _probe_latency(dd)
+        pd = _open_dir(dd, os.path.basename(path))
         if not found.get("latency"):
             found["names"] = _probe_names(pd)
             found["links"] = _probe_symlinks(pd)
             found["times"] = _probe_times(pd)
             _probe_metadata(pd, found)
-        else:  # each request waits on a server: the probes run at once
-            import concurrent.futures  # here: only a slow REPLICA's probe needs it
-            with concurrent.futures.ThreadPoolExecutor(3, thread_name_prefix="sync_probe") as pool:
-                parts = {"names": pool.submit(_probe_names, pd, True), "links": pool.submit(_probe_symlinks, pd),
-                         "times": pool.submit(_probe_times, pd)}
-                try:
-                    _probe_metadata(pd, found)
-                finally:
-                    for key, part in parts.items():
-                        try:
-                            found[key] = part.result()
-                        except OSError:
-                            pass  # counts as stored, as below
+        else:  # each request waits on a server
+            _probe_at_once(pd, found)
     except OSError:
         pass  # what was found so far stands; the rest counts as stored
     finally:
@@ -1525,11 +1517,47 @@ def _probe_replica(dd, kind: str = "") -> Stores:
     return Stores(**found)
 
 
+def _probe_at_once(pd, found: dict) -> None:
+    """_probe_replica's probes where each request waits on a server, all
+    at once, those that make several files each in a folder of its own: a
+    folder's entries are made and removed one at a time (the kernel locks
+    the folder for each, round trips included), so probes sharing one
+    folder would wait in line."""
+    import concurrent.futures  # here: only a slow REPLICA's probe needs it
+    with concurrent.futures.ThreadPoolExecutor(3, thread_name_prefix="sync_probe") as pool:
+        parts = {"names": pool.submit(_in_a_folder, pd, _probe_names, True),
+                 "links": pool.submit(_probe_symlinks, pd), "times": pool.submit(_in_a_folder, pd, _probe_times)}
+        try:
+            _probe_metadata(pd, found)
+        finally:
+            for key, part in parts.items():
+                try:
+                    found[key] = part.result()
+                except OSError:
+                    pass  # counts as stored, as in _probe_replica
+
+
+def _in_a_folder(pd, probe, *args):
+    """probe(folder, *args) in a new temporary folder made in pd, removed after."""
+    path, fd, _ = _create_temp(pd, lambda path, dir_fd: os.mkdir(path, 0o700, dir_fd=dir_fd))
+    try:
+        d = _open_dir(pd, os.path.basename(path))
+        try:
+            return probe(d, *args)
+        finally:
+            _empty_probe_folder(d)
+            _close_dir(d)
+    finally:
+        os.rmdir(path, dir_fd=fd)
+
+
 def _probe_metadata(pd, found: dict) -> None:
     """Learn, with a file made in the empty folder pd, whether its file
     system stores permission bits, owners, extended attributes (and in which
-    namespaces), ACLs and hard links; each goes into found once known."""
+    namespaces), ACLs and hard links; each goes into found once known.
+    Removes what it made (on a NAS, beside the other probes)."""
     probe, probe_fd, out = _create_temp(pd, _create_temp_file)
+    second, second_fd = _at(pd, "second")
     try:
         target = out if _DIR_FD else probe
         found["modes"] = _stores_modes(target)
@@ -1543,13 +1571,15 @@ def _probe_metadata(pd, found: dict) -> None:
             found["xattrs"] = "user" in found["namespaces"]
             found["acls"] = _stores(target, _ACL_KEYS[0], _PROBE_ACL)
         if _HARD_LINKS:
-            second, second_fd = _at(pd, "second")
             try:
                 os.link(probe, second, src_dir_fd=probe_fd, dst_dir_fd=second_fd, follow_symlinks=False)
             except OSError as err:
                 found["hard_links"] = err.errno not in (errno.EPERM, errno.EMLINK, *_UNSUPPORTED)
+            else:
+                _discard_temp(second, second_fd)
     finally:
         os.close(out)
+        _discard_temp(probe, probe_fd)
 
 
 def _empty_probe_folder(pd) -> None:
@@ -1572,6 +1602,7 @@ def _probe_symlinks(pd) -> bool:
         os.symlink("target", path, dir_fd=fd)
     except OSError as err:
         return err.errno not in (errno.EPERM, *_UNSUPPORTED)
+    _discard_temp(path, fd)
     return True
 
 
@@ -1584,9 +1615,10 @@ _PROBE_CHARS = "".join(chr(c) for c in range(1, 128) if not chr(c).isalnum() and
 def _probe_names(pd, apart: bool = False) -> Names:
     """Learn how the file system of the empty folder pd treats names: make
     files under names that tell case-insensitive, refusing and trimming
-    file systems apart, and see what it keeps.  apart: each name is tried
-    in a folder of its own, all at once (on a NAS, where each costs round
-    trips to the server)."""
+    file systems apart, and see what it keeps.  apart (on a NAS, where
+    each file made costs round trips to the server): four names at once
+    first (see _fold_where_names_are_kept), and where that does not tell,
+    each name in a folder of its own, all at once."""
     def make(d, name: str) -> None:
         path, fd = _at(d, name)
         os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_NOFOLLOW | _O_CLOEXEC, 0o600, dir_fd=fd))
@@ -1621,35 +1653,51 @@ def _probe_names(pd, apart: bool = False) -> Names:
         or (apart) each in a new folder of its own, at once."""
         if not apart:
             return [function(pd, *args) for args in arguments]
-
-        def in_a_folder(args):
-            path, fd, _ = _create_temp(pd, lambda path, dir_fd: os.mkdir(path, 0o700, dir_fd=dir_fd))
-            try:
-                d = _open_dir(pd, os.path.basename(path))
-                try:
-                    return function(d, *args)
-                finally:
-                    _empty_probe_folder(d)
-                    _close_dir(d)
-            finally:
-                os.rmdir(path, dir_fd=fd)
-
         import concurrent.futures  # here: only a slow REPLICA's probe needs it
         with concurrent.futures.ThreadPoolExecutor(len(arguments), thread_name_prefix="sync_probe") as pool:
-            return list(pool.map(in_a_folder, arguments))
+            return list(pool.map(lambda args: _in_a_folder(pd, function, *args), arguments))
 
-    folds_unicode, folds_ascii = each(same, [("probe-\u00e9", "PROBE-\u00c9"), ("probe-a", "PROBE-A")])
+    inner = "".join(c for c in _PROBE_CHARS if c not in ". ")
+    if apart:
+        fold = _fold_where_names_are_kept(pd, f"a{inner}\udcffb.")
+        if fold is not None:
+            return Names(fold)
+    (folds_unicode, folds_ascii, together, dot, space, con, nul, not_utf8) = each(
+        lambda d, test, *args: test(d, *args),
+        [(same, "probe-\u00e9", "PROBE-\u00c9"), (same, "probe-a", "PROBE-A"),
+         # One name with all the characters first: each file made costs a round trip on a NAS.
+         (kept, f"a{inner}b"), (kept, "a."), (kept, "a "), (kept, "CON"), (kept, "nul.txt"), (kept, "a\udcffb")])
     fold = "unicode" if folds_unicode else "ascii" if folds_ascii else ""
-    inner = [c for c in _PROBE_CHARS if c not in ". "]
-    # One name with all the characters first: each file made costs a round trip on a NAS.
-    together, dot, space, con, nul, not_utf8 = each(kept, [(f"a{''.join(inner)}b",), ("a.",), ("a ",), ("CON",),
-                                                           ("nul.txt",), ("a\udcffb",)])
     refuses = ""
     if together is None:
         refuses = "".join(c for c, got in zip(inner, each(kept, [(f"a{c}b",) for c in inner])) if got is None)
     strips = "".join(c for c, got in ((".", dot), (" ", space)) if got == "a")
     refused_end = "".join(c for c, got in ((".", dot), (" ", space)) if got is None)
     return Names(fold, strips, refuses, refused_end, con is None or nul is None, not_utf8 is None)
+
+
+def _fold_where_names_are_kept(d, unusual: str) -> Optional[str]:
+    """How the file system of the empty folder d folds case ("", "ascii" or
+    "unicode"), where it keeps every name _probe_names tries as it is (most
+    network shares do), told with four files made in d (the name probe
+    makes eight, then more); None where it refuses or changes one of them.
+    unusual holds every character tried, a byte that is not UTF-8, and
+    ends with a dot; the fold is told by a name ending with a space."""
+    folding = "probe-\u00e9-a "
+    names = (unusual, folding, "CON", "nul.txt")
+    for name in names:
+        path, fd = _at(d, name)
+        try:
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_NOFOLLOW | _O_CLOEXEC, 0o600,
+                             dir_fd=fd))
+        except OSError:
+            return None  # refused: _probe_names tells which and why
+    if set(os.listdir(d)) != set(names):
+        return None  # some name was stored as another
+    folded = [_exists_at(fd, other) if fd is not None else os.path.lexists(path)
+              for other in (folding.upper(), "PROBE-\u00e9-A ")
+              for path, fd in [_at(d, other)]]
+    return "unicode" if folded[0] else "ascii" if folded[1] else ""
 
 
 def _exists_at(dir_fd, name) -> bool:

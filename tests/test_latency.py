@@ -1,5 +1,5 @@
-"""A REPLICA slow to answer (a NAS): the probe tells it by the time a file
-takes to create and remove, and then every file's copy runs in a pool of
+"""A REPLICA slow to answer (a NAS): the probe tells it by the time a name
+takes to look up, and then every file's copy runs in a pool of
 threads so that the waits overlap, with the same result and the same log
 order as one file at a time."""
 
@@ -58,9 +58,97 @@ def test_only_file_systems_that_may_wait_on_a_network_are_timed(tmp_path, monkey
 
 def test_a_slow_replica_is_named_in_the_probe_line():
     said = sync.Stores(kind="nfs4", latency=0.0029).describe()
-    assert said == "nfs4, times 1 ns, slow requests (2.9 ms to create and remove a file: files are copied 16 at once)"
+    assert said == "nfs4, times 1 ns, slow requests (2.9 ms to look up a name: files are copied 16 at once)"
     said = sync.Stores(kind="nfs4", latency=0.0029).describe(workers=16)
-    assert said.endswith("(2.9 ms to create and remove a file: 16 worker processes, files are copied 16 at once)")
+    assert said.endswith("(2.9 ms to look up a name: 16 worker processes, files are copied 16 at once)")
+
+
+def test_the_latency_probe_only_looks_names_up(tmp_path, monkeypatch):
+    # It runs before the other probes, alone, so that nothing else queues
+    # with it, and writes nothing: a folder's creations wait in line.
+    (tmp_path / "f").write_text("x")
+    before = sorted(os.listdir(tmp_path)), os.stat(tmp_path).st_mtime_ns
+    looked_up = []
+    real_stat = os.stat
+
+    def stat(path, *args, **kwargs):
+        looked_up.append(os.path.basename(path))
+        return real_stat(path, *args, **kwargs)
+
+    folder = os.open(tmp_path, os.O_RDONLY) if sync._DIR_FD else str(tmp_path)
+    try:
+        monkeypatch.setattr(sync.os, "stat", stat)
+        assert sync._probe_latency(folder) == 0.0  # a local disk: far below SLOW_REQUEST
+    finally:
+        monkeypatch.undo()
+        if sync._DIR_FD:
+            os.close(folder)
+    assert len(looked_up) == len(set(looked_up)) == 3 and all(sync._TEMP_NAME.match(n) for n in looked_up)
+    assert (sorted(os.listdir(tmp_path)), os.stat(tmp_path).st_mtime_ns) == before
+
+
+def test_a_slow_replicas_probes_at_once_find_what_they_find_one_at_a_time_on_a_posix_disk(tmp_path, monkeypatch):
+    # Where every name tried is kept as it is (most shares), four files in
+    # one folder tell so: the name probe makes no folder per name.
+    folder = os.open(tmp_path, os.O_RDONLY) if sync._DIR_FD else str(tmp_path)
+    try:
+        one_at_a_time = sync._probe_replica(folder, "ext4")
+        monkeypatch.setattr(sync, "_probe_latency", lambda dd: 0.002)
+        folders, real_in_a_folder = [], sync._in_a_folder
+
+        def in_a_folder(pd, probe, *args):
+            folders.append(probe.__name__)
+            return real_in_a_folder(pd, probe, *args)
+
+        monkeypatch.setattr(sync, "_in_a_folder", in_a_folder)
+        at_once = sync._probe_replica(folder, "fuse")
+    finally:
+        if sync._DIR_FD:
+            os.close(folder)
+    assert one_at_a_time.names == sync.Names()
+    assert at_once == one_at_a_time._replace(kind="fuse", latency=0.002)
+    assert sorted(folders) == ["_probe_names", "_probe_times"]
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("found, fold", [({"PROBE-\u00c9-A "}, "unicode"), ({"PROBE-\u00e9-A "}, "ascii"),
+                                         ({"PROBE-\u00c9-A ", "PROBE-\u00e9-A "}, "unicode"), (set(), "")])
+def test_the_quick_name_probe_tells_how_a_share_folds_case(tmp_path, monkeypatch, found, fold):
+    # No file system here folds case and keeps every name (a Samba share
+    # of a case-insensitive folder would): its lookups are made up.
+    real_exists_at = sync._exists_at
+    monkeypatch.setattr(sync, "_exists_at", lambda fd, name: name in found or real_exists_at(fd, name))
+    monkeypatch.setattr(sync.os.path, "lexists", lambda path: os.path.basename(path) in found)
+    folder = os.open(tmp_path, os.O_RDONLY) if sync._DIR_FD else str(tmp_path)
+    try:
+        assert sync._fold_where_names_are_kept(folder, "a:b\udcff.") == fold
+    finally:
+        if sync._DIR_FD:
+            os.close(folder)
+
+
+def test_the_quick_name_probe_gives_up_where_a_name_is_refused_or_changed(tmp_path, monkeypatch):
+    folder = os.open(tmp_path, os.O_RDONLY) if sync._DIR_FD else str(tmp_path)
+    try:
+        real_open = os.open
+
+        def refusing(path, flags, *args, **kwargs):
+            if os.path.basename(path) == "CON":
+                raise OSError(22, "Invalid argument")
+            return real_open(path, flags, *args, **kwargs)
+
+        monkeypatch.setattr(sync.os, "open", refusing)
+        assert sync._fold_where_names_are_kept(folder, "a:b.") is None
+        monkeypatch.undo()
+        for name in os.listdir(tmp_path):
+            os.unlink(tmp_path / name)
+        real_listdir = os.listdir
+        monkeypatch.setattr(sync.os, "listdir", lambda d: [n.rstrip(".") for n in real_listdir(d)])  # trims
+        assert sync._fold_where_names_are_kept(folder, "a:b.") is None
+    finally:
+        monkeypatch.undo()
+        if sync._DIR_FD:
+            os.close(folder)
 
 
 @pytest.mark.skipif(not sync._CAN_FORK, reason="this platform walks in one process")
