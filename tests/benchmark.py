@@ -1,6 +1,6 @@
 """Benchmark sync.py against rsync on the same trees, in the same run.
 
-    python3 tests/benchmark.py [--repeat N] [--root DIR] [--sync-args ARGS] [CASE ...]
+    python3 tests/benchmark.py [--repeat N] [--root DIR] [--sync-args ARGS] [--installed] [CASE ...]
 
 Trees are built deterministically on tmpfs (/dev/shm where it exists, else the
 system temp folder; the output says which), so the tools are measured and not
@@ -10,6 +10,9 @@ the disk.  The 1,000,000-file case needs about 3 million inodes; where
 For each case the commands run alternately, REPEAT times each:
 
     python sync.py SRC DST 1 LOG --once -q
+        (--installed: sync.py imported from its cached bytecode, as the
+        installed command and python3 -m sync run it; as a script it is
+        compiled at every start, 0.07-0.15 s here)
     rsync -a --delete SRC/ DST/
     rsync -aHAXS --delete SRC/ DST/      (the cases marked so: what sync.py keeps by default)
 
@@ -227,8 +230,7 @@ CASES = {
     "startup": Case("--once over an empty tree", lambda s: cache_bytecode(), restore=False, repeat=21, references=(),
                     others={"python3 -c pass": lambda src, dst: [sys.executable, "-c", "pass"],
                             "imported, bytecode cached": lambda src, dst: [
-                                sys.executable, "-c", "import sys; sys.path.insert(0, sys.argv.pop(1)); "
-                                "import sync; sys.exit(sync.main(sys.argv[1:]))", str(Path(SYNC_PY).parent),
+                                *sync_command(installed=True),
                                 str(src), str(dst), "1", str(dst.parent / "sync.log"), "--once", "-q"]}),
     "no-change-1m": Case("no-change pass, 1,000,000 empty files in 20,000 directories (memory)",
                          lambda s: build_small_files(s, 1_000_000, 20_000), restore=False, repeat=1),
@@ -359,7 +361,16 @@ def parallel_rsync(src: Path, dst: Path) -> str:
             f"rsync -a --delete '{{}}' {shlex.quote(str(dst))}/")
 
 
-def run_case(key: str, case: Case, base: Path, repeat: int, extra_args=()) -> dict:
+def sync_command(installed: bool) -> list[str]:
+    """The start of a command that runs sync.py: as a script, or (installed)
+    imported from its cached bytecode, as the console command does."""
+    if not installed:
+        return [sys.executable, SYNC_PY]
+    return [sys.executable, "-c", "import sys; sys.path.insert(0, sys.argv.pop(1)); import sync; "
+            "sys.exit(sync.main(sys.argv[1:]))", str(Path(SYNC_PY).parent)]
+
+
+def run_case(key: str, case: Case, base: Path, repeat: int, extra_args=(), installed: bool = False) -> dict:
     """{tool: (median wall s, median CPU s, peak RSS KiB, peak summed PSS KiB)}"""
     work = base / key
     shutil.rmtree(work, ignore_errors=True)
@@ -376,7 +387,7 @@ def run_case(key: str, case: Case, base: Path, repeat: int, extra_args=()) -> di
         case.mutate(src)
     log = work / "sync.log"
     commands = {
-        "sync.py": lambda src, dst: [sys.executable, SYNC_PY, str(src), str(dst), "1", str(log), "--once", "-q",
+        "sync.py": lambda src, dst: [*sync_command(installed), str(src), str(dst), "1", str(log), "--once", "-q",
                                 *case.sync_args, *extra_args],
     }
     if shutil.which("rsync"):
@@ -416,16 +427,22 @@ def main() -> None:
                         help=f"cases to run (default all): {', '.join(CASES)}")
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--sync-args", default="", help="extra options for sync.py, e.g. '--workers 1'")
+    parser.add_argument("--installed", action="store_true",
+                        help="run sync.py imported from its cached bytecode, as the installed command does "
+                             "(default: as a script, compiled at every start)")
     parser.add_argument("--root", default="/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir(),
                         help="where to build the trees (default: /dev/shm, a tmpfs)")
     args = parser.parse_args()
     base = Path(tempfile.mkdtemp(prefix="syncpy-bench-", dir=args.root))
+    if args.installed:
+        cache_bytecode()
     rsync = (subprocess.run(["rsync", "--version"], capture_output=True, text=True).stdout.splitlines()[0]
              if shutil.which("rsync") else "rsync not installed")
     fs_type = subprocess.run(["stat", "-f", "-c", "%T", str(base)], capture_output=True, text=True).stdout.strip()
     where = fs_type or "unknown file system"
     print(f"trees under {base} ({where}); {args.repeat} runs each; Python {sys.version.split()[0]}; {rsync}; "
-          f"{os.cpu_count()} CPUs; sync.py options: {args.sync_args or '(defaults)'}")
+          f"{os.cpu_count()} CPUs; sync.py options: {args.sync_args or '(defaults)'}; "
+          f"run {'as the installed command (cached bytecode)' if args.installed else 'as a script'}")
     print("| case | reference | sync.py median s | reference median s | ratio | sync.py CPU s "
           "| reference CPU s | CPU ratio | sync.py peak RSS MiB | reference peak RSS MiB "
           "| sync.py all processes MiB |")
@@ -436,7 +453,7 @@ def main() -> None:
             if case.nas_ms is not None and not SlowFS.available():
                 print(f"| {key} | skipped: slowfs needs gcc, pkg-config, libfuse3-dev and fusermount3 |", flush=True)
                 continue
-            result = run_case(key, case, base, args.repeat, args.sync_args.split())
+            result = run_case(key, case, base, args.repeat, args.sync_args.split(), args.installed)
             ours = result.pop("sync.py")
             if not result:
                 print(f"| {key} | - | {ours[0]:.3f} | - | - | {ours[1]:.2f} | - | - | {ours[2] / 1024:.1f} | - "
