@@ -1621,14 +1621,10 @@ def _probe_names(pd, apart: bool = False) -> Names:
     each file made costs round trips to the server): four names at once
     first (see _fold_where_names_are_kept), and where that does not tell,
     each name in a folder of its own, all at once."""
-    def make(d, name: str) -> None:
-        path, fd = _at(d, name)
-        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_NOFOLLOW | _O_CLOEXEC, 0o600, dir_fd=fd))
-
     def kept(d, name: str) -> Optional[str]:
         """The name the file system lists for a file created as name (None: refused)."""
         try:
-            make(d, name)
+            _make_empty_file(d, name)
         except OSError as err:
             if err.errno in (errno.EEXIST, errno.EACCES, errno.EROFS, errno.ENOSPC, errno.EDQUOT) \
                     or os.stat(d).st_nlink == 0:  # (removed under the probe: raises where by path)
@@ -1642,11 +1638,10 @@ def _probe_names(pd, apart: bool = False) -> Names:
 
     def same(d, name: str, other: str) -> bool:
         """Whether a file created as name is found as other."""
-        make(d, name)
+        _make_empty_file(d, name)
         path, fd = _at(d, name)
         try:
-            other_path, other_fd = _at(d, other)
-            return os.path.exists(other_path) if other_fd is None else _exists_at(other_fd, other)
+            return _found(d, other)
         finally:
             os.unlink(path, dir_fd=fd)
 
@@ -1688,18 +1683,27 @@ def _fold_where_names_are_kept(d, unusual: str) -> Optional[str]:
     folding = "probe-\u00e9-a "
     names = (unusual, folding, "CON", "nul.txt")
     for name in names:
-        path, fd = _at(d, name)
         try:
-            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_NOFOLLOW | _O_CLOEXEC, 0o600,
-                             dir_fd=fd))
+            _make_empty_file(d, name)
         except OSError:
             return None  # refused: _probe_names tells which and why
     if set(os.listdir(d)) != set(names):
         return None  # some name was stored as another
-    folded = [_exists_at(fd, other) if fd is not None else os.path.lexists(path)
-              for other in (folding.upper(), "PROBE-\u00e9-A ")
-              for path, fd in [_at(d, other)]]
-    return "unicode" if folded[0] else "ascii" if folded[1] else ""
+    if _found(d, folding.upper()):
+        return "unicode"
+    return "ascii" if _found(d, "PROBE-\u00e9-A ") else ""
+
+
+def _make_empty_file(d, name: str) -> None:
+    """Create the empty file NAME in folder d (FileExistsError if it is there)."""
+    path, fd = _at(d, name)
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_NOFOLLOW | _O_CLOEXEC, 0o600, dir_fd=fd))
+
+
+def _found(d, name: str) -> bool:
+    """Whether folder d holds an entry that name reaches (its file system may fold case)."""
+    path, fd = _at(d, name)
+    return os.path.lexists(path) if fd is None else _exists_at(fd, name)
 
 
 def _exists_at(dir_fd, name) -> bool:
