@@ -2310,6 +2310,12 @@ def _special_kind(mode: int) -> str:
 # wanted entry needs.  The walk carries the plans out.
 
 
+# A regular file listed on both sides, examined later by its folder's
+# slice, as _sort_out sees it where excludes must judge it (see
+# _Listing.unexamined).
+_UNEXAMINED = Entry(FILE, None)
+
+
 class _Listing(NamedTuple):
     """Both sides of one directory pair, as _list_pair found them."""
 
@@ -2322,8 +2328,9 @@ class _Listing(NamedTuple):
     failure: Optional[tuple] = None  # (what could not be done, OSError)
     src_x: dict = _NO_XATTRS  # name -> extended attributes, for source entries that have any
     dst_x: dict = _NO_XATTRS  # the same for the replica entries of those names
-    # Names of regular files on both sides, not examined yet: in src and dst
-    # as _UNEXAMINED, left to the folder's slices (see SLICE_MIN).
+    # Names of regular files on both sides, not examined yet and not in src
+    # or dst: left to the folder's slices (see SLICE_MIN).  Never temporary
+    # names (those are examined here, to be skipped and removed).
     unexamined: set = frozenset()
 
 
@@ -2346,6 +2353,7 @@ class _Plan(NamedTuple):
     clashes: list = []  # sorted groups of names it would store as one entry: none is written
     recased: list = []  # (old, new): replica entries whose name differs from the source's in case only
     unlinked: list = []  # symbolic links not mirrored (Options.links, or REPLICA cannot store them)
+    later: list = []  # files listed on both sides and not examined (_Listing.unexamined) the slices mirror
 
 
 def _sort_out(listing: _Listing, options: Options, is_root: bool, replica_exists: bool,
@@ -2354,8 +2362,16 @@ def _sort_out(listing: _Listing, options: Options, is_root: bool, replica_exists
     stores: what REPLICA's file system stores (names, links, times)."""
     names = stores.names
     src, dst = listing.src, listing.dst
-    all_dst = dst
     patterns = options.excludes
+    # Files left to the slices are wanted as they are, unless excludes say
+    # otherwise: then they are judged here as any entry, as regular files
+    # not examined yet (and those still wanted go to the slices after all).
+    later = listing.unexamined
+    if later and patterns:
+        src = {**src, **dict.fromkeys(later, _UNEXAMINED)}
+        dst = {**dst, **dict.fromkeys(later, _UNEXAMINED)}
+        later = ()
+    all_dst = dst
     if patterns:
         rel = listing.rel
         # Each side's entry is judged as what it is (a rule for folders
@@ -2368,9 +2384,10 @@ def _sort_out(listing: _Listing, options: Options, is_root: bool, replica_exists
             spared = patterns.excluded(rel, {n: e for n, e in dst.items() if n not in src})
             if spared:
                 dst = {n: e for n, e in dst.items() if n not in spared}
-    empty = not _real(src)
+    checked = len(src) + len(later)
+    empty = not later and not _real(src)
     if is_root and not options.allow_empty_source and empty and _real(dst):
-        return _Plan(len(src), "SOURCE is empty but REPLICA is not: refusing to delete everything in "
+        return _Plan(checked, "SOURCE is empty but REPLICA is not: refusing to delete everything in "
                                "REPLICA (an unmounted drive looks like this); nothing was changed.",
                      [], [], {}, dst, set(), [], [], [], empty)
     failed = [(name, "read", err) for name, err in listing.unreadable]
@@ -2410,8 +2427,11 @@ def _sort_out(listing: _Listing, options: Options, is_root: bool, replica_exists
     if unwanted and not (is_root and options.allow_empty_source and empty):
         moving = {old for old, _ in moves}
         doomed = [n for n in unwanted if n not in moving and not _is_temp(n, dst[n])]
-    return _Plan(len(src), "", failed, skipped, wanted, dict(dst), keep, unwanted, moves, doomed, empty,
-                 refused, clashes, recased, unlinked)
+    if listing.unexamined and not later:  # judged above: those still wanted go to the slices
+        later = [n for n in listing.unexamined if n in wanted and n not in keep]
+        wanted = {n: e for n, e in wanted.items() if e is not _UNEXAMINED}
+    return _Plan(checked, "", failed, skipped, wanted, dict(dst), keep, unwanted, moves, doomed, empty,
+                 refused, clashes, recased, unlinked, list(later))
 
 
 _POSIX_NAMES = Names()
@@ -3136,8 +3156,6 @@ class _Doomed:
         self.emptied = emptied  # False once something inside must stay (then so does the folder)
 
 
-# A regular file listed on both sides, examined later by its folder's slice.
-_UNEXAMINED = Entry(FILE, None)
 
 
 def _list_pair(frame, keep: Keep, slice_min: int = 0) -> _Listing:
@@ -3193,17 +3211,18 @@ def _list_pair_for_slices(frame, keep: Keep, slice_min: int) -> _Listing:
     if len(listed["src"]) >= slice_min:
         files = {side: _listed_files(items) for side, items in listed.items()}
         unexamined = files["src"].keys() & files["dst"].keys()
+        unexamined -= {name for name in unexamined if name.startswith(TEMP_PREFIX)}  # skipped, removed: here
         for side, items in listed.items():  # the rest, in the order listed
             rest = [] if len(files[side]) == len(items) else [item for item in items if item.name not in files[side]]
-            listed[side] = rest + [files[side][name] for name in files[side].keys() - unexamined]
+            if len(files[side]) > len(unexamined):
+                rest += [files[side][name] for name in files[side].keys() - unexamined]
+            listed[side] = rest
     src, unreadable = _examine(frame.sd, listed["src"])
     dst, dst_unreadable = _examine(frame.dd, listed["dst"])
     src_x = dst_x = _NO_XATTRS
     if keep.any_xattrs:
         src_x = _list_xattrs(frame.sd, src, keep, unreadable)
         dst_x = _list_xattrs(frame.dd, dst, keep, dst_unreadable, src)
-    src.update(dict.fromkeys(unexamined, _UNEXAMINED))
-    dst.update(dict.fromkeys(unexamined, _UNEXAMINED))
     return _Listing(frame.rel, src, unreadable, dst, dst_unreadable, src_x=src_x, dst_x=dst_x,
                     unexamined=unexamined)
 
@@ -3698,10 +3717,7 @@ class _Walk:
 
         children = []
         checksum = options.checksum or frame.verify
-        wanted, later = plan.wanted, []
-        if listing.unexamined:  # left to the slices, unless kept or excluded
-            later = [name for name in listing.unexamined if name in wanted and name not in keep]  # (not temporary)
-            wanted = {name: entry for name, entry in wanted.items() if entry.st is not None}
+        wanted, later = plan.wanted, plan.later
         steps = _steps(wanted, dst, keep, checksum, options.modify_window_ns, self.times,
                        self.keep, listing.src_x, listing.dst_x)
         if options.explain:
@@ -3754,7 +3770,7 @@ class _Walk:
 
     def sync_slices(self, frame, steps: list, unexamined: list, moved: dict, checksum: bool) -> None:
         """A big folder's file steps (see sync_files), with the files listed
-        on both sides and not examined yet (unexamined, sorted), cut by name
+        on both sides and not examined yet (unexamined, in any order), cut by name
         into one slice per worker process.  Forked processes examine and
         mirror every slice but the first, which this process does; their
         lines are reported after its own, slice by slice, as one process

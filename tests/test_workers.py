@@ -295,26 +295,43 @@ def change_flat(src):
         pass  # a file system without them here
 
 
-def test_a_big_folder_cut_into_slices_gives_the_same_events_in_the_same_order(tmp_path, monkeypatch):
+@pytest.mark.parametrize("excluding", ["nothing", "c", "c, deleted"])
+def test_a_big_folder_cut_into_slices_gives_the_same_events_in_the_same_order(tmp_path, monkeypatch, excluding):
+    # Without excludes the slices' files never reach the folder's planner;
+    # with them the planner judges every name.  A temporary file on both
+    # sides is the planner's in either case: skipped, and removed.
     monkeypatch.setattr(sync, "SLICE_MIN", 10)
     note_slices(monkeypatch, tmp_path / "slices")
+    options = {"nothing": {}, "c": {"excludes": sync.Excludes(["c"])},
+               "c, deleted": {"excludes": sync.Excludes(["c"]), "delete_excluded": True}}[excluding]
+    temporary = ".syncpy-00000000000000ff.tmp"
     results = {}
     for workers in (1, 3):
         src, dst = tmp_path / f"src{workers}", tmp_path / f"dst{workers}"
         make_tree(src, FLAT)
-        runs = [sync_once(src, dst, workers=workers, excludes=sync.Excludes(["c"]))]
+        runs = [sync_once(src, dst, workers=workers, **options)]
         change_flat(src)
-        runs.append(sync_once(src, dst, workers=workers, excludes=sync.Excludes(["c"])))
-        runs.append(sync_once(src, dst, workers=workers, excludes=sync.Excludes(["c"])))
+        (dst / "flat" / "c").write_text("in the replica")
+        for side in (src, dst):
+            (side / "flat" / temporary).write_text("half written")
+        runs.append(sync_once(src, dst, workers=workers, **options))
+        runs.append(sync_once(src, dst, workers=workers, **options))
         for result, _ in runs:
             assert result.exact
-        mirrored = {rel: value for rel, value in snapshot(src).items() if rel != b"flat/c"}
-        assert diff(mirrored, snapshot(dst)) == []
+        assert not (dst / "flat" / temporary).exists()
+        mirrored = {rel: value for rel, value in snapshot(src).items() if rel != b"flat/" + temporary.encode()}
+        got = snapshot(dst)
+        if excluding != "nothing":
+            del mirrored[b"flat/c"]
+            if excluding == "c":
+                assert (dst / "flat" / "c").read_text() == "in the replica"  # left alone
+                del got[b"flat/c"]
+        assert diff(mirrored, got) == []
         assert runs[2][1] == []
         results[workers] = [(r.counts, r.bytes_copied, r.errors, [(e.action, e.path, e.detail) for e in events])
                             for r, events in runs]
     assert results[3] == results[1]
-    said = sync_once(src, dst, workers=3, explain=True)[1]
+    said = sync_once(src, dst, workers=3, explain=True, **options)[1]
     assert [(e.path, e.detail) for e in said if "slices" in e.detail] == [
         ("flat", "files in 3 slices of about 20 by name, each mirrored by a process of its own")]
     # Each pass cut "flat" into three slices (the first pass for its 60
