@@ -2945,8 +2945,9 @@ class _Changes:
                 # No hard links here (FAT, exFAT): the old version moves to
                 # the trash once the new one is written, which takes its
                 # name right after (for a moment, the name holds neither).
-                def move_old():
+                def take_old():
                     moved.append(self.take_to_trash(dd, name, rel, step.have))
+                move_old = take_old
         attrs = step.attrs
         if step.kind == "compare":  # the attributes for a new copy
             attrs = self.for_copy(step.want, attrs)

@@ -6,8 +6,6 @@ import errno
 import os
 import stat
 
-import pytest
-
 import sync
 from conftest import sync_once
 from trees import Dir, File, assert_mirror, make_tree, snapshot
