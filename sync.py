@@ -90,7 +90,6 @@ import bisect
 import contextlib
 import errno
 import functools
-import logging
 import math
 import os
 import itertools
@@ -5668,92 +5667,111 @@ def _check_output_file(what: str, path: str) -> None:
 # ---------------------------------------------------------------- the CLI --
 
 
-class _ReportOnce:
-    """Mixin for handlers: a failure to write is reported once on stderr, not per
-    line, and logging carries on (the sync matters more than its log)."""
+# Log levels, numbered as the logging module numbers them.
+DEBUG, INFO, WARNING, ERROR, CRITICAL = 10, 20, 30, 40, 50
+_LEVELS = {"debug": DEBUG, "info": INFO, "warning": WARNING, "error": ERROR}
+_LEVEL_NAMES = {DEBUG: "DEBUG  ", INFO: "INFO   ", WARNING: "WARNING", ERROR: "ERROR  ", CRITICAL: "CRITICAL"}
 
+
+class _Output:
+    """A stream log lines go to.  A failure to write is reported once on
+    stderr, not per line, and logging carries on (the sync matters more
+    than its log)."""
+
+    where = "the console"  # what the report calls it
     _failing = False
 
-    def handleError(self, record):  # noqa: N802 - logging's name
+    def failed(self, err: BaseException) -> None:
         if self._failing:
             return
         self._failing = True
-        err = sys.exc_info()[1]
-        where = getattr(self, "baseFilename", "the console")
         try:
-            sys.stderr.write(f"sync.py: cannot write to {where}: {_reason(err)}; "
+            sys.stderr.write(f"sync.py: cannot write to {self.where}: {_reason(err)}; "
                              "syncing goes on (reported once)\n")
             sys.stderr.flush()
         except (OSError, ValueError, AttributeError):
             pass  # stderr itself is gone: there is nowhere left to say it
 
 
-class _LogFile(_ReportOnce, logging.FileHandler):
-    """Appends UTF-8; reopens the file when logrotate moves it away (checked
-    before every line, so no line goes to a file that rotation has taken).
-    logging.handlers.WatchedFileHandler does the same, but importing its
-    module (socket, pickle, queue) took a tenth of sync.py's start-up."""
+class _LogFile(_Output):
+    """LOG_FILE: lines appended in UTF-8; reopened when logrotate moves it
+    away (checked before every line, so no line goes to a file that
+    rotation has taken).  Opening it raises OSError; writing never does."""
 
-    def emit(self, record):
-        try:
-            if self.stream is not None and os.name == "posix" and self.moved():
-                self.stream.close()
-                self.stream = None
-            if self.stream is None:
-                self.stream = self._open()
-                st = os.fstat(self.stream.fileno())
-                self.identity = st.st_dev, st.st_ino
-            logging.FileHandler.emit(self, record)
-        except Exception:  # reopening is not guarded by logging's own emit
-            self.handleError(record)
+    def __init__(self, path: str):
+        self.where = os.path.abspath(path)
+        self.stream = None
+        self.identity = None  # (device, inode) of the file the stream writes to
+        self.open()
 
-    identity = None  # (device, inode) of the file the stream writes to
+    def open(self) -> None:
+        self.stream = open(self.where, "a", encoding="utf-8", errors="backslashreplace")
+        st = os.fstat(self.stream.fileno())
+        self.identity = st.st_dev, st.st_ino
 
     def moved(self) -> bool:
-        if self.identity is None:
-            st = os.fstat(self.stream.fileno())
-            self.identity = st.st_dev, st.st_ino
         try:
-            st = os.stat(self.baseFilename)
+            st = os.stat(self.where)
         except FileNotFoundError:
             return True
         return (st.st_dev, st.st_ino) != self.identity
 
+    def write(self, line: str) -> None:
+        try:
+            if self.stream is not None and os.name == "posix" and self.moved():
+                self.close()
+            if self.stream is None:
+                self.open()
+            self.stream.write(line)
+            self.stream.flush()
+        except (OSError, ValueError) as err:
+            self.failed(err)
 
-class _Console(_ReportOnce, logging.StreamHandler):
-    progress = None  # a _Progress line to clear before each log line
-
-    def emit(self, record):
-        if self.progress is None or not self.progress.shown:
-            super().emit(record)
-            return
-        self.progress.clear()  # the log line goes above the status line,
-        super().emit(record)
-        self.progress.redraw()  # which stays at the bottom
+    def close(self) -> None:
+        stream, self.stream = self.stream, None
+        if stream is not None:
+            try:
+                stream.close()
+            except OSError:
+                pass  # what it held could not be written: said already, or lost with the file
 
 
-class _QuietFilter(logging.Filter):
-    """--quiet on the console: warnings and errors only, at most LIMIT of
-    them a pass; the rest are counted (held_back) and left to LOG_FILE.
-    Records marked "always" (a pass summary that reports a problem, the
-    count of what was held back) pass regardless."""
+class _Console(_Output):
+    """Log lines on stderr, above the progress line while one is shown.
+    quiet (--quiet): warnings and errors only, at most LIMIT of them a
+    pass; the rest are counted (held_back) and left to LOG_FILE.  Lines
+    marked "always" (a pass summary that reports a problem, the count of
+    what was held back) show regardless."""
 
     LIMIT = 20
 
-    def __init__(self):
-        super().__init__()
+    def __init__(self, stream, quiet: bool = False):
+        self.stream, self.quiet = stream, quiet
+        self.progress = None  # a _Progress line to clear before each log line
         self.shown = self.held_back = 0
 
-    def filter(self, record):
-        if getattr(record, "always", False):
+    def wanted(self, level: int, always: bool) -> bool:
+        if always or not self.quiet:
             return True
-        if record.levelno < logging.WARNING:
+        if level < WARNING:
             return False
-        if self.shown >= self.LIMIT and record.levelno < logging.CRITICAL:
+        if self.shown >= self.LIMIT and level < CRITICAL:
             self.held_back += 1
             return False
         self.shown += 1
         return True
+
+    def write(self, line: str) -> None:
+        shown = self.progress is not None and self.progress.shown
+        try:
+            if shown:
+                self.progress.clear()  # the log line goes above the status line,
+            self.stream.write(line)
+            self.stream.flush()
+            if shown:
+                self.progress.redraw()  # which stays at the bottom
+        except (OSError, ValueError) as err:
+            self.failed(err)
 
     def next_pass(self) -> int:
         """Start counting afresh; returns how many lines were held back."""
@@ -5761,41 +5779,49 @@ class _QuietFilter(logging.Filter):
         return held
 
 
-class _Formatter(logging.Formatter):
-    """The standard format, with the date and time text made once a second."""
+class _Log:
+    """The run's log: each line stamped with the local time to the
+    millisecond and its level, in LOG_FILE and (unless stderr is gone) on
+    the console.  Written here rather than through the logging module: a
+    pass may log a line per file, and a line cost four times as much that
+    way (a record object, two handlers' locks and filters); importing it
+    took 6 ms of the start-up."""
 
-    _second, _text = None, ""
+    def __init__(self, log_file: str, quiet: bool, verbose: bool):
+        self.level = DEBUG if verbose else INFO
+        self.file = _LogFile(log_file)  # OSError: the caller's to report
+        self.console = None
+        if sys.stderr is not None:
+            try:
+                sys.stderr.reconfigure(errors="backslashreplace")
+            except (AttributeError, ValueError):
+                pass  # not a TextIOWrapper: leave it as it is
+            self.console = _Console(sys.stderr, quiet)
+        self.second, self.stamp = None, ""  # the date and time text, made once a second
 
-    def formatTime(self, record, datefmt=None):  # noqa: N802 - logging's name
-        second = int(record.created)
-        if second != self._second:
-            self._second, self._text = second, time.strftime(datefmt, self.converter(second))
-        return self._text
+    def format(self, level: int, message: str) -> str:
+        now = time.time()
+        second = int(now)
+        if second != self.second:
+            self.second, self.stamp = second, time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(second))
+        return f"{self.stamp}.{int((now - second) * 1000):03d} {_LEVEL_NAMES[level]} {message}\n"
 
+    def line(self, level: int, message: str, always: bool = False) -> None:
+        """One log line.  always: shown on the console even with --quiet."""
+        if level < self.level:
+            return
+        text = self.format(level, message)
+        self.file.write(text)
+        if self.console is not None and self.console.wanted(level, always):
+            self.console.write(text)
 
-_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
-_FORMAT = _Formatter("%(asctime)s.%(msecs)03d %(levelname)-7s %(message)s", "%Y-%m-%d %H:%M:%S")
+    def to_console(self, level: int, message: str) -> None:
+        """A line for the console only (LOG_FILE has what it is about)."""
+        if self.console is not None:
+            self.console.write(self.format(level, message))
 
-
-def _setup_logging(log_file: str, quiet: bool, verbose: bool) -> logging.Logger:
-    logger = logging.getLogger("sync")
-    logger.handlers.clear()
-    logger.propagate = False
-    logger.setLevel(logging.DEBUG if verbose else logging.INFO)
-    handler = _LogFile(log_file, mode="a", encoding="utf-8", errors="backslashreplace")
-    handler.setFormatter(_FORMAT)
-    logger.addHandler(handler)
-    if sys.stderr is not None:
-        try:
-            sys.stderr.reconfigure(errors="backslashreplace")
-        except (AttributeError, ValueError):
-            pass  # not a TextIOWrapper: leave it as it is
-        console = _Console(sys.stderr)
-        console.setFormatter(_FORMAT)
-        if quiet:
-            console.addFilter(_QuietFilter())
-        logger.addHandler(console)
-    return logger
+    def close(self) -> None:
+        self.file.close()
 
 
 def _describe_options(parser: "_ArgumentParser", args, workers: int) -> str:
@@ -6149,7 +6175,7 @@ def _build_parser() -> argparse.ArgumentParser:
                              "going on, so that a power cut leaves every replica file whole (slower)")
     parser.add_argument("-q", "--quiet", action="store_true",
                         help="console shows nothing when all is well: only warnings and errors, "
-                             f"at most {_QuietFilter.LIMIT} a pass, and the summary of a pass that "
+                             f"at most {_Console.LIMIT} a pass, and the summary of a pass that "
                              "failed (LOG_FILE gets every line)")
     parser.add_argument("-v", "--verbose", action="store_true",
                         help="also log why each entry was judged current or not, moves considered, "
@@ -6485,16 +6511,11 @@ class _Reporter:
         args = self.args = settings.args
         self.settings = settings
         try:
-            self.logger = _setup_logging(args.log_file, args.quiet, args.verbose)
+            self.output = _Log(args.log_file, args.quiet, args.verbose)
         except OSError as err:
             raise UsageError(f"cannot open LOG_FILE {args.log_file!r}: {_reason(err)}") from None
-        # The logging HOWTO's "Optimization" switches: this process never
-        # logs which thread or process a record came from, and a pass may log
-        # one line per file.
-        logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
-        self.console = next((h for h in self.logger.handlers if isinstance(h, _Console)), None)
-        self.quiet = next((f for f in self.console.filters if isinstance(f, _QuietFilter)), None) \
-            if self.console else None
+        self.log = self.output.line  # log(level, message, always=False): one log line
+        self.console = self.output.console
         self.progress = None
         if _Progress.wanted(sys.stderr, args.quiet):
             excludes = settings.options.excludes
@@ -6513,25 +6534,17 @@ class _Reporter:
         self.status_failed = False
         self.notifier = _Notifier()
 
-    def log(self, level: int, message: str, always: bool = False) -> None:
-        """One log line.  The record is made here, not by Logger.log, which
-        would look up the calling source line for every record.  always:
-        shown on the console even with --quiet."""
-        if self.logger.isEnabledFor(level):
-            self.logger.handle(self.logger.makeRecord(self.logger.name, level, "", 0, message, None, None,
-                                                      extra={"always": always}))
-
     def event(self, event: Event) -> None:
         text = event.text(self.args.dry_run)
         if event.advice:
             text += " " + _ADVICE[event.advice]
         level = _LEVELS[ACTIONS[event.action].severity]
-        if level == logging.WARNING:  # a cause that has not changed since an earlier pass: said once
+        if level == WARNING:  # a cause that has not changed since an earlier pass: said once
             key = event[:3]
             if key in self.warned:
-                level = logging.INFO
+                level = INFO
             self.warned_now.add(key)
-        elif level == logging.ERROR:
+        elif level == ERROR:
             self.errors = [*self.errors[-(self.KEEP_ERRORS - 1):], text]
         self.log(level, text)
         if self.args.itemize:
@@ -6546,13 +6559,13 @@ class _Reporter:
     def started(self) -> None:
         args = self.args
         mode = "once" if args.once else f"every {args.interval:g} s"
-        self.log(logging.INFO, f"sync.py {__version__} started: {_show(args.source)} -> "
+        self.log(INFO, f"sync.py {__version__} started: {_show(args.source)} -> "
                                f"{_show(args.replica)}, {mode}, log {_show(args.log_file)}; "
                                f"options: {self.settings.described}")
         self.notifier.send("READY=1", f"STATUS=first pass running: {_show(args.source)} -> {_show(args.replica)}")
 
     def cannot_lock(self, err: OSError) -> None:
-        self.log(logging.WARNING, f"cannot lock REPLICA ({_reason(err)}): make sure no other "
+        self.log(WARNING, f"cannot lock REPLICA ({_reason(err)}): make sure no other "
                                   "sync.py writes to it")
 
     def pass_done(self, result: PassResult) -> None:
@@ -6560,18 +6573,16 @@ class _Reporter:
         self.passes += 1
         if self.progress:
             self.progress.finish()
-        held = self.quiet.next_pass() if self.quiet else 0
+        held = self.console.next_pass() if self.console else 0
         if held:  # on the console only: LOG_FILE has them all
-            self.console.handle(logging.makeLogRecord({
-                "name": self.logger.name, "levelno": logging.WARNING, "levelname": "WARNING",
-                "msg": f"{held:,} more warnings and errors of this pass are in LOG_FILE "
-                       f"{_show(self.args.log_file)}", "always": True}))
+            self.output.to_console(WARNING, f"{held:,} more warnings and errors of this pass are in LOG_FILE "
+                                            f"{_show(self.args.log_file)}")
         summary = result.summary(self.args.dry_run)
         # A pass that ends not exact (but for a stop asked for) is a problem
         # even without errors (a file changed or vanished while copied): its
         # summary shows even with --quiet, so cron's mail says why it failed.
         failed = result.errors or not (result.exact or result.interrupted or self.args.dry_run)
-        self.log(logging.WARNING if failed else logging.INFO, summary, always=bool(failed))
+        self.log(WARNING if failed else INFO, summary, always=bool(failed))
         self.warned |= self.warned_now
         self.warned_now = set()
         self.notifier.send(f"STATUS={summary}")
@@ -6602,13 +6613,14 @@ class _Reporter:
         }
         failure = self.status.write(fields)
         if failure and not self.status_failed:
-            self.log(logging.WARNING, f"cannot write --status-file {_show(args.status_file)}: {failure}; "
+            self.log(WARNING, f"cannot write --status-file {_show(args.status_file)}: {failure}; "
                                       "syncing goes on (said once)")
         self.status_failed = bool(failure)
 
     def crashed(self) -> None:
-        self.logger.critical("internal error: this is a bug in sync.py; please report it with "
-                             "these lines", exc_info=True)
+        import traceback  # here: only a crash needs it
+        self.log(CRITICAL, "internal error: this is a bug in sync.py; please report it with these lines\n"
+                           + traceback.format_exc().rstrip("\n"))
 
     def stopping(self) -> None:
         """The first stop signal has come (called from the signal handler)."""
@@ -6616,11 +6628,11 @@ class _Reporter:
 
     def stopped(self, signals: "_StopSignals") -> None:
         if signals.aborted():
-            self.log(logging.WARNING, f"stopped at once by a second signal ({signals.caught[1]})", always=True)
+            self.log(WARNING, f"stopped at once by a second signal ({signals.caught[1]})", always=True)
         elif signals.caught:
-            self.log(logging.INFO, f"stopped by {signals.caught[0]}")
+            self.log(INFO, f"stopped by {signals.caught[0]}")
         else:
-            self.log(logging.INFO, "finished")
+            self.log(INFO, "finished")
 
 
 def main(argv=None) -> int:
@@ -6663,11 +6675,13 @@ def main(argv=None) -> int:
                                  abort=heart.aborted, mirror=mirror)
     except Exception:
         reporter.crashed()
+        reporter.output.close()
         return EXIT_BUG
     finally:
         signals.close()
         mirror.unlock()
     reporter.stopped(signals)
+    reporter.output.close()
     if signals.aborted():
         return EXIT_FAILED
     return _exit_status(reporter.last)

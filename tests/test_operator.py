@@ -309,14 +309,13 @@ def test_the_cli_shows_progress_on_a_terminal(src, dst, log, monkeypatch):
             args = [str(src), str(dst), "1", str(log), "--once"]
             reporter = sync._Reporter(sync._Settings(args))
             assert isinstance(reporter.progress, sync._Progress)
-            consoles = [h for h in reporter.logger.handlers if isinstance(h, sync._Console)]
-            assert [h.progress for h in consoles] == [reporter.progress]
+            assert reporter.console.progress is reporter.progress
             assert reporter.checked == reporter.progress.progress
+            reporter.output.close()
             quiet = sync._Reporter(sync._Settings(args + ["--quiet"]))
             assert quiet.progress is None and quiet.checked is None
+            quiet.output.close()
     finally:
-        for handler in sync.logging.getLogger("sync").handlers:
-            handler.close()
         os.close(master)
         os.close(slave)
 
@@ -329,7 +328,7 @@ def test_console_writes_log_lines_above_the_progress_line():
     console = sync._Console(stream)
     console.progress = progress
     line = stream.getvalue()
-    console.emit(sync.logging.LogRecord("sync", 20, "", 0, "copied f", (), None))
+    console.write("copied f\n")
     assert stream.getvalue() == line + "\r\x1b[Kcopied f\n" + line, "the status line stays at the bottom"
 
 
