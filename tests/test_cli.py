@@ -37,23 +37,6 @@ def test_once_mirrors_and_logs_every_action(src, dst, log, cli):
     assert proc.stdout == ""
 
 
-def test_a_bug_is_logged_with_its_traceback_and_exit_status_5(src, dst, log, monkeypatch, capsys):
-    import sync
-
-    def broken(*args, **kwargs):
-        raise RuntimeError("boom")
-
-    monkeypatch.setattr(sync.Mirror, "run_pass", broken)
-    assert sync.main([str(src), str(dst), "1", str(log), "--once"]) == sync.EXIT_BUG
-    logged = log.read_text(encoding="utf-8")
-    lines = logged.splitlines()
-    crash = next(i for i, line in enumerate(lines) if " CRITICAL internal error: " in line)
-    assert lines[crash].endswith("internal error: this is a bug in sync.py; please report it with these lines")
-    assert lines[crash + 1] == "Traceback (most recent call last):"
-    assert lines[crash + 2:] and lines[-1] == "RuntimeError: boom", "the traceback follows, whole"
-    assert "RuntimeError: boom" in capsys.readouterr().err, "and the console shows it too"
-
-
 def test_log_is_appended_never_truncated(src, dst, log, cli):
     make_tree(src, {"f": "x"})
     log.write_text("an earlier line\n")

@@ -120,8 +120,13 @@ def test_a_bug_exits_5_with_the_traceback_in_the_log(src, dst, log):
     proc = subprocess.run([sys.executable, "-c", broken, str(src), str(dst), "1", str(log), "--once"],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == sync.EXIT_BUG == 5
-    assert "CRITICAL internal error: this is a bug in sync.py" in log.read_text()
-    assert "RuntimeError: planted" in log.read_text()
+    lines = log.read_text().splitlines()
+    crash = next(i for i, line in enumerate(lines) if " CRITICAL internal error: " in line)
+    assert lines[crash].endswith(" CRITICAL internal error: this is a bug in sync.py; please report it with "
+                                 "these lines")
+    assert lines[crash + 1] == "Traceback (most recent call last):", "the whole traceback follows"
+    assert lines[-1] == "RuntimeError: planted"
+    assert "RuntimeError: planted" in proc.stderr, "the console shows it too"
 
 
 def test_a_loop_stopped_by_a_signal_exits_with_its_last_pass_status(src, dst, log):
