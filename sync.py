@@ -6560,13 +6560,13 @@ class _Reporter:
         args = self.args
         mode = "once" if args.once else f"every {args.interval:g} s"
         self.log(INFO, f"sync.py {__version__} started: {_show(args.source)} -> "
-                               f"{_show(args.replica)}, {mode}, log {_show(args.log_file)}; "
-                               f"options: {self.settings.described}")
+                       f"{_show(args.replica)}, {mode}, log {_show(args.log_file)}; "
+                       f"options: {self.settings.described}")
         self.notifier.send("READY=1", f"STATUS=first pass running: {_show(args.source)} -> {_show(args.replica)}")
 
     def cannot_lock(self, err: OSError) -> None:
         self.log(WARNING, f"cannot lock REPLICA ({_reason(err)}): make sure no other "
-                                  "sync.py writes to it")
+                          "sync.py writes to it")
 
     def pass_done(self, result: PassResult) -> None:
         self.last = result
@@ -6614,7 +6614,7 @@ class _Reporter:
         failure = self.status.write(fields)
         if failure and not self.status_failed:
             self.log(WARNING, f"cannot write --status-file {_show(args.status_file)}: {failure}; "
-                                      "syncing goes on (said once)")
+                              "syncing goes on (said once)")
         self.status_failed = bool(failure)
 
     def crashed(self) -> None:
