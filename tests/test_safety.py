@@ -373,6 +373,24 @@ def test_deep_tree_through_the_cli(src, dst, log, cli, tmp_path):
 # --- 10. the log file becomes unwritable -------------------------------------------
 
 
+def test_a_console_nobody_reads_costs_no_line_of_the_log_and_no_file(src, dst, log):
+    # stderr a pipe whose reader has gone (a terminal closed, `| head`
+    # done): every write to it fails; the pass and LOG_FILE do not.
+    make_tree(src, {f"f{i}": str(i) for i in range(50)} | {"d": {"g": "g"}})
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        proc = subprocess.run([sys.executable, SYNC_PY, str(src), str(dst), "1", str(log), "--once"],
+                              stdout=subprocess.DEVNULL, stderr=write_end, timeout=120)
+    finally:
+        os.close(write_end)
+    assert proc.returncode == 0
+    assert_mirror(src, dst)
+    logged = log.read_text()
+    assert logged.count("INFO    copied ") == 51 and "replica is an exact mirror" in logged
+    assert "Traceback" not in logged
+
+
 def test_lost_log_file_is_reported_once_and_syncing_goes_on(src, dst, tmp_path):
     make_tree(src, {"f": "x"})
     logs = tmp_path / "logs"
