@@ -4090,6 +4090,11 @@ class _Walk:
         else:
             job = self.do.submit(step.want.st.st_size >= PARALLEL_MIN_SIZE, self.do.file_work,
                                  frame.sd, frame.dd, step.name, step, rel)
+        if not pending and type(job) is _Done:
+            # Done here and nothing queued before it: report it now, so that the
+            # progress line and the log's times follow the copying.
+            self.settle(frame, ((step, rel, job),))
+            return
         pending.append((step, rel, job))
         if len(pending) >= PENDING_LIMIT:
             self.settle(frame, pending)

@@ -450,6 +450,20 @@ def test_the_progress_line_never_wraps_and_stays_below_the_log(src, dst, log, co
             assert re.match(r"(\r\x1b\[K)*\d{4}-", line.split("\r\x1b[K")[-1] if "\r" in line else line)
 
 
+def test_each_small_copy_is_reported_before_the_next_one_starts(src, dst, monkeypatch):
+    # The progress line and the log's times follow the events: a folder's copies
+    # held back until the folder is done would freeze both, then flood the log.
+    make_tree(src, {f"f{i}": "x" for i in range(5)})
+    seen, real = [], sync._copy_file
+    def copy(sd, dd, name, *args):
+        seen.append(("copying", name))
+        return real(sd, dd, name, *args)
+    monkeypatch.setattr(sync, "_copy_file", copy)
+    sync.run_pass(str(src), str(dst), sync.Options(workers=1), lambda e: seen.append((e.action, e.path)))
+    assert seen == [step for i in range(5) for step in (("copying", f"f{i}"), ("copy", f"f{i}"))]
+    assert_mirror(src, dst)
+
+
 def test_the_progress_line_is_fitted_again_when_the_window_narrows(src, dst, log):
     make_tree(src, {f"f{i:03d}": "x" for i in range(80)})
     output = run_in_terminal(src, dst, log, 100, resize_to=40)
