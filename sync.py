@@ -192,6 +192,11 @@ LOCAL_KINDS = frozenset({
 # File work queued in one folder before the walk waits for it (bounds the
 # memory a folder of many files needs while its copies run in threads).
 PENDING_LIMIT = 256
+# Queued file work that is finished is reported at least this often (seconds),
+# so that the progress line and the log's times follow the copying.  Not after
+# each file: a copy's work and its line's, taken in turns, cost a fifth more
+# CPU than each taken in runs (measured on 40,000 small files on tmpfs).
+REPORT_EVERY = 0.05
 # A folder with this many entries in the source, on local file systems, has
 # the files both sides list cut by name into slices, one per worker
 # process, each examined and mirrored by a process of its own (see
@@ -2732,6 +2737,9 @@ class _Done:
     def result(self):
         return self.value
 
+    def done(self) -> bool:
+        return True
+
 
 class _Changes:
     """The real executor: changes REPLICA (and TRASH) as the walk asks."""
@@ -3303,6 +3311,7 @@ class _Walk:
         self.source_latency = 0.0  # seconds SOURCE takes to open a folder, where slow (Mirror probes it)
         self.donor = None  # in a worker process: its _Donor, asked after each folder whether to hand one over
         self.slice_min = 0  # the entries that make a folder big enough to cut into slices (0: none is)
+        self.report_by = 0.0  # time.monotonic() by which finished file work is reported (REPORT_EVERY)
         now = time.time()  # names this pass's trash folder; workers inherit it
         self.trash_stamp = time.strftime("%Y-%m-%d_%H%M%S", time.localtime(now)) + f".{int(now * 1000) % 1000:03d}"
 
@@ -4090,15 +4099,24 @@ class _Walk:
         else:
             job = self.do.submit(step.want.st.st_size >= PARALLEL_MIN_SIZE, self.do.file_work,
                                  frame.sd, frame.dd, step.name, step, rel)
-        if not pending and type(job) is _Done:
-            # Done here and nothing queued before it: report it now, so that the
-            # progress line and the log's times follow the copying.
-            self.settle(frame, ((step, rel, job),))
-            return
         pending.append((step, rel, job))
         if len(pending) >= PENDING_LIMIT:
             self.settle(frame, pending)
             pending.clear()
+        elif time.monotonic() >= self.report_by:
+            self.settle_finished(frame, pending)
+
+    def settle_finished(self, frame, pending: list) -> None:
+        """Report the queued file work that is finished, up to the first that
+        is not; the rest stays queued."""
+        finished = 0
+        for _, _, job in pending:
+            if not job.done():
+                break
+            finished += 1
+        self.settle(frame, pending[:finished])
+        del pending[:finished]
+        self.report_by = time.monotonic() + REPORT_EVERY
 
     def settle(self, frame, pending: list) -> None:
         """Wait for this directory's queued file work, reporting it in name order."""

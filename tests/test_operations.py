@@ -450,9 +450,11 @@ def test_the_progress_line_never_wraps_and_stays_below_the_log(src, dst, log, co
             assert re.match(r"(\r\x1b\[K)*\d{4}-", line.split("\r\x1b[K")[-1] if "\r" in line else line)
 
 
-def test_each_small_copy_is_reported_before_the_next_one_starts(src, dst, monkeypatch):
+def test_finished_copies_are_reported_while_their_folder_is_copied(src, dst, monkeypatch):
     # The progress line and the log's times follow the events: a folder's copies
     # held back until the folder is done would freeze both, then flood the log.
+    # Reported every REPORT_EVERY seconds; at 0, after each copy.
+    monkeypatch.setattr(sync, "REPORT_EVERY", 0.0)
     make_tree(src, {f"f{i}": "x" for i in range(5)})
     seen, real = [], sync._copy_file
     def copy(sd, dd, name, *args):
