@@ -149,13 +149,14 @@ def make_options(scratch, drawn, **more):
 def fan_out_everything(workers):
     """With workers, even these tiny trees are split among worker processes,
     every folder that can be handed over between them is, every folder's
-    files are cut into slices, and every copy goes through the large-file
-    threads."""
+    files are cut into slices (each mirrored 2 names at a time), and every
+    copy goes through the large-file threads."""
     split = mock.patch.object(sync, "SPLIT_MIN_TASKS", 0 if workers > 1 else sync.SPLIT_MIN_TASKS)
     threads = mock.patch.object(sync, "PARALLEL_MIN_SIZE", 0 if workers > 1 else sync.PARALLEL_MIN_SIZE)
     handover = mock.patch.object(sync._Donor, "wanted", (lambda self: True) if workers > 1 else sync._Donor.wanted)
     slices = mock.patch.object(sync, "SLICE_MIN", 1 if workers > 1 else sync.SLICE_MIN)
-    return split, threads, handover, slices
+    chunks = mock.patch.object(sync, "SLICE_CHUNK", 2 if workers > 1 else sync.SLICE_CHUNK)
+    return split, threads, handover, slices, chunks
 
 
 def mirrored(tree: dict, drawn) -> dict:
@@ -183,8 +184,8 @@ def assert_within_window(src_tree, dst_tree):
 def source_changes(batches, drawn):
     """Apply each batch of operations to a fresh SOURCE; yield (scratch
     folder, SOURCE, REPLICA) after each, with the drawn fan-out in force."""
-    split, threads, handover, slices = fan_out_everything(drawn["workers"])
-    with split, threads, handover, slices, tempfile.TemporaryDirectory() as scratch:
+    split, threads, handover, slices, chunks = fan_out_everything(drawn["workers"])
+    with split, threads, handover, slices, chunks, tempfile.TemporaryDirectory() as scratch:
         src, dst = os.path.join(scratch, "src"), os.path.join(scratch, "dst")
         os.mkdir(src)
         os.mkdir(dst)

@@ -288,6 +288,8 @@ def change_flat(src):
     (flat / "f041").symlink_to("f001")
     os.link(flat / "f050", flat / "h050")  # a second name: left to the hard-link phase
     (flat / "new").write_text("new")
+    for i in (12, 13, 14, 33, 34):  # new names among those on both sides: one at each place in a part
+        (flat / f"f{i:03}a").write_text("new")
     (flat / "c").write_text("still excluded")
     try:
         os.setxattr(flat / "f055", "user.k", b"v")
@@ -301,6 +303,7 @@ def test_a_big_folder_cut_into_slices_gives_the_same_events_in_the_same_order(tm
     # with them the planner judges every name.  A temporary file on both
     # sides is the planner's in either case: skipped, and removed.
     monkeypatch.setattr(sync, "SLICE_MIN", 10)
+    monkeypatch.setattr(sync, "SLICE_CHUNK", 3)  # each slice of about 20 names mirrored 3 at a time
     note_slices(monkeypatch, tmp_path / "slices")
     options = {"nothing": {}, "c": {"excludes": sync.Excludes(["c"])},
                "c, deleted": {"excludes": sync.Excludes(["c"]), "delete_excluded": True}}[excluding]
@@ -333,7 +336,7 @@ def test_a_big_folder_cut_into_slices_gives_the_same_events_in_the_same_order(tm
     assert results[3] == results[1]
     said = sync_once(src, dst, workers=3, explain=True, **options)[1]
     assert [(e.path, e.detail) for e in said if "slices" in e.detail] == [
-        ("flat", "files in 3 slices of about 20 by name, each mirrored by a process of its own")]
+        ("flat", "files in 3 slices of about 22 by name, each mirrored by a process of its own")]
     # Each pass cut "flat" into three slices (the first pass for its 60
     # copies: nothing was on both sides yet), and so did the one with -v.
     slices = (tmp_path / "slices").read_text().split("\n")[:-1]
