@@ -154,9 +154,10 @@ def fan_out_everything(workers):
     split = mock.patch.object(sync, "SPLIT_MIN_TASKS", 0 if workers > 1 else sync.SPLIT_MIN_TASKS)
     threads = mock.patch.object(sync, "PARALLEL_MIN_SIZE", 0 if workers > 1 else sync.PARALLEL_MIN_SIZE)
     handover = mock.patch.object(sync._Donor, "wanted", (lambda self: True) if workers > 1 else sync._Donor.wanted)
+    big = mock.patch.object(sync, "BIG_FOLDER", 1 if workers > 1 else sync.BIG_FOLDER)
     slices = mock.patch.object(sync, "SLICE_MIN", 1 if workers > 1 else sync.SLICE_MIN)
     chunks = mock.patch.object(sync, "SLICE_CHUNK", 2 if workers > 1 else sync.SLICE_CHUNK)
-    return split, threads, handover, slices, chunks
+    return split, threads, handover, big, slices, chunks
 
 
 def mirrored(tree: dict, drawn) -> dict:
@@ -184,8 +185,8 @@ def assert_within_window(src_tree, dst_tree):
 def source_changes(batches, drawn):
     """Apply each batch of operations to a fresh SOURCE; yield (scratch
     folder, SOURCE, REPLICA) after each, with the drawn fan-out in force."""
-    split, threads, handover, slices, chunks = fan_out_everything(drawn["workers"])
-    with split, threads, handover, slices, chunks, tempfile.TemporaryDirectory() as scratch:
+    split, threads, handover, big, slices, chunks = fan_out_everything(drawn["workers"])
+    with split, threads, handover, big, slices, chunks, tempfile.TemporaryDirectory() as scratch:
         src, dst = os.path.join(scratch, "src"), os.path.join(scratch, "dst")
         os.mkdir(src)
         os.mkdir(dst)

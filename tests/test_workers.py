@@ -256,11 +256,19 @@ def test_a_stop_request_reaches_the_workers(src, dst):
     assert_mirror(src, dst)
 
 
-# One folder of 60 files beside a few others: with SLICE_MIN lowered, its
-# files are cut into slices, one per worker process.
+# One folder of 60 files beside a few others: with BIG_FOLDER and SLICE_MIN
+# lowered (cut_small_folders), its files are cut into slices, one per worker
+# process.
 FLAT = {"flat": {**{f"f{i:03}": f"file {i}" for i in range(60)}, "link": Link("f001"), "sub": {"x": "x"},
                  "c": "excluded"},
         "other": {"y": "y"}}
+
+
+def cut_small_folders(monkeypatch, slices_from=10):
+    """A folder of 10 entries is big (its files mirrored SLICE_CHUNK at a
+    time); from slices_from, its files are cut into slices."""
+    monkeypatch.setattr(sync, "BIG_FOLDER", 10)
+    monkeypatch.setattr(sync, "SLICE_MIN", slices_from)
 
 
 def note_slices(monkeypatch, path):
@@ -297,13 +305,15 @@ def change_flat(src):
         pass  # a file system without them here
 
 
+@pytest.mark.parametrize("parts", [3, 1])
 @pytest.mark.parametrize("excluding", ["nothing", "c", "c, deleted"])
-def test_a_big_folder_cut_into_slices_gives_the_same_events_in_the_same_order(tmp_path, monkeypatch, excluding):
+def test_a_big_folder_cut_into_slices_gives_the_same_events_in_the_same_order(tmp_path, monkeypatch, excluding,
+                                                                              parts):
     # Without excludes the slices' files never reach the folder's planner;
     # with them the planner judges every name.  A temporary file on both
     # sides is the planner's in either case: skipped, and removed.
-    monkeypatch.setattr(sync, "SLICE_MIN", 10)
-    monkeypatch.setattr(sync, "SLICE_CHUNK", 3)  # each slice of about 20 names mirrored 3 at a time
+    cut_small_folders(monkeypatch, slices_from=10 if parts == 3 else 1000)
+    monkeypatch.setattr(sync, "SLICE_CHUNK", 3)  # each slice mirrored 3 names at a time
     note_slices(monkeypatch, tmp_path / "slices")
     options = {"nothing": {}, "c": {"excludes": sync.Excludes(["c"])},
                "c, deleted": {"excludes": sync.Excludes(["c"]), "delete_excluded": True}}[excluding]
@@ -336,15 +346,16 @@ def test_a_big_folder_cut_into_slices_gives_the_same_events_in_the_same_order(tm
     assert results[3] == results[1]
     said = sync_once(src, dst, workers=3, explain=True, **options)[1]
     assert [(e.path, e.detail) for e in said if "slices" in e.detail] == [
-        ("flat", "files in 3 slices of about 22 by name, each mirrored by a process of its own")]
+        ("flat", "files in 3 slices of about 22 by name, each mirrored by a process of its own")][:parts - 1]
     # Each pass cut "flat" into three slices (the first pass for its 60
-    # copies: nothing was on both sides yet), and so did the one with -v.
+    # copies: nothing was on both sides yet), and so did the one with -v;
+    # below SLICE_MIN, one slice each, in this process.
     slices = (tmp_path / "slices").read_text().split("\n")[:-1]
-    assert len(slices) == 12 and {line.split()[0] for line in slices} == {"flat"}, slices
+    assert len(slices) == 4 * parts and {line.split()[0] for line in slices} == {"flat"}, slices
 
 
 def test_a_slice_whose_process_dies_costs_only_that_slice(tmp_path, src, dst, monkeypatch):
-    monkeypatch.setattr(sync, "SLICE_MIN", 10)
+    cut_small_folders(monkeypatch)
     make_tree(src, FLAT)
     sync_once(src, dst, workers=3)
     for i in range(60):
@@ -373,7 +384,7 @@ def test_a_slice_whose_process_dies_costs_only_that_slice(tmp_path, src, dst, mo
 @pytest.mark.parametrize("change", ["vanished", "became a folder", "replica became a folder"])
 def test_a_file_that_changes_between_the_listing_and_its_slice_waits_for_the_next_pass(src, dst, monkeypatch,
                                                                                        change):
-    monkeypatch.setattr(sync, "SLICE_MIN", 10)
+    cut_small_folders(monkeypatch)
     make_tree(src, {f"f{i:02}": str(i) for i in range(30)})
     sync_once(src, dst, workers=2)
     real = sync._list_pair_for_slices
@@ -405,7 +416,7 @@ def test_a_file_that_changes_between_the_listing_and_its_slice_waits_for_the_nex
 
 
 def test_a_stop_request_reaches_the_slices(src, dst, monkeypatch):
-    monkeypatch.setattr(sync, "SLICE_MIN", 10)
+    cut_small_folders(monkeypatch)
     make_tree(src, {f"f{i:03}": "x" for i in range(300)})
     sync_once(src, dst, workers=2)
     for i in range(300):
@@ -437,7 +448,7 @@ def test_a_stop_request_reaches_the_slices(src, dst, monkeypatch):
 def test_no_slices_over_a_network_or_onto_names_that_fold(tmp_path, src, dst, monkeypatch, why):
     # Over NFS or FUSE a stat after the listing costs a round trip each; a
     # name that folds is planned with the whole folder's names in view.
-    monkeypatch.setattr(sync, "SLICE_MIN", 10)
+    cut_small_folders(monkeypatch)
     note_slices(monkeypatch, tmp_path / "slices")
     if why == "not a local file system":
         monkeypatch.setattr(sync, "LOCAL_KINDS", frozenset())
@@ -453,7 +464,7 @@ def test_no_slices_over_a_network_or_onto_names_that_fold(tmp_path, src, dst, mo
     assert not (tmp_path / "slices").exists()
     monkeypatch.undo()
     note_slices(monkeypatch, tmp_path / "slices")
-    monkeypatch.setattr(sync, "SLICE_MIN", 10)
+    cut_small_folders(monkeypatch)
     (src / "f00").write_text("again")
     assert sync_once(src, dst, workers=2)[0].exact
     assert (tmp_path / "slices").exists()  # the same folder, once these hold
