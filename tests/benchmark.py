@@ -31,7 +31,11 @@ holding every file).  NAS cases put the replica (nas-source-*: the source)
 behind ../shared/slowfs (a FUSE file system adding latency per request;
 built here when gcc and libfuse3 are installed, mounted afresh before every
 run) and also run an 8-way parallel rsync, one per top-level entry, as a
-reference.
+reference.  No-change cases also run the "Python floor" (floor_pass): the
+system calls any no-change pass must make, lstat of every entry on both
+sides (and listxattr, sync.py's default), spread over as many processes as
+there are CPUs, from Python and with nothing else; its ratio says how much
+of sync.py's time its own work adds, and how near rsync Python can come.
 
 Wall time is taken around each run; CPU time and peak RSS come from GNU
 time's %U, %S and %M where it is installed, else from wait4() of a child
@@ -181,6 +185,68 @@ class Case:
 FIDELITY = ("-a", "-aHAXS")  # sync.py keeps owners, ACLs, xattrs, hard links and holes by default
 
 
+def floor_pass(src: str, dst: str, xattrs: bool, processes: int) -> None:
+    """The least a no-change pass in Python can do, as a reference: the
+    floor under sync.py's time on a machine.  PROCESSES processes each list
+    every folder of both trees and take every PROCESSES-th name of each
+    listing (by hash, so every tree shape, even one folder, is shared out in
+    full): lstat of it on both sides (os.DirEntry.stat), size and mtime
+    compared, and with XATTRS listxattr of both by name from inside the
+    folder (as sync.py reads them).  Nothing else: no decisions, no log, no
+    folders' own attributes, no messages between the processes."""
+    def side(fd: int, share: int) -> tuple[dict, list]:
+        found, folders = {}, []
+        with os.scandir(fd) as listing:
+            for item in listing:
+                if item.is_dir(follow_symlinks=False):
+                    folders.append(item.name)
+                if hash(item.name) % processes == share:
+                    found[item.name] = item.stat(follow_symlinks=False)
+        if xattrs and found:
+            os.fchdir(fd)
+            for name in found:
+                os.listxattr(name, follow_symlinks=False)
+        return found, folders
+
+    def walk(share: int) -> int:
+        differ, stack, flags = 0, [""], os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
+        while stack:
+            rel = stack.pop()
+            sd, dd = os.open(os.path.join(src, rel), flags), os.open(os.path.join(dst, rel), flags)
+            ours, folders = side(sd, share)
+            theirs, _ = side(dd, share)
+            for name, st in ours.items():
+                other = theirs.get(name)
+                differ += other is None or (other.st_size, other.st_mtime_ns) != (st.st_size, st.st_mtime_ns)
+            stack.extend(os.path.join(rel, name) for name in folders)
+            os.close(sd)
+            os.close(dd)
+        return differ
+
+    children = []
+    for share in range(processes):
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                walk(share)
+                code = 0
+            finally:
+                os._exit(code)
+        children.append(pid)
+    if any(os.waitpid(pid, 0)[1] for pid in children):
+        sys.exit(1)
+
+
+def floor_command(xattrs: bool):
+    """A function of the source and the replica giving the floor_pass command."""
+    return lambda src, dst: [sys.executable, __file__, "--floor", str(src), str(dst), "--floor-processes",
+                             str(os.cpu_count() or 1), *(["--floor-xattrs"] if xattrs else [])]
+
+
+FLOORS = {"Python floor: lstat": floor_command(False), "Python floor: lstat, listxattr": floor_command(True)}
+
+
 GIB_FILES = 8, 128 * 1024 * 1024  # 1 GiB as 8 files of 128 MiB
 
 CASES = {
@@ -197,7 +263,7 @@ CASES = {
                           replica_from_source=False),
     "no-change-100k": Case("no-change pass, 100,000 empty files in 2,000 directories",
                            lambda s: build_small_files(s, 100_000, 2_000), restore=False,
-                           references=FIDELITY),
+                           references=FIDELITY, others=FLOORS),
     "incremental-100k": Case("100,000 files, 1% modified, 1% deleted, 1% added",
                              lambda s: build_small_files(s, 100_000, 2_000, 1024),
                              mutate=change_one_percent_each, references=FIDELITY),
@@ -210,7 +276,8 @@ CASES = {
                         lambda s: build_large_files(s, *GIB_FILES), restore=False,
                         sync_args=("--checksum",), rsync_args=("-c",)),
     "no-change-flat-100k": Case("no-change pass, one folder holding 100,000 empty files",
-                                lambda s: build_shape(s, "flat", 100_000), restore=False),
+                                lambda s: build_shape(s, "flat", 100_000), restore=False,
+                                references=FIDELITY, others=FLOORS),
     "nas-no-change-20k": Case("NAS replica (2 ms a request): no-change pass, 20,000 files, top-heavy tree",
                               lambda s: build_shape(s, "top", 20_000, 1024), restore=False, nas_ms=2.0),
     "nas-no-change-flat-20k": Case("NAS replica (2 ms): no-change pass, one folder holding 20,000 files",
@@ -241,7 +308,7 @@ SHAPED = {  # the small-file cases, each also in the other tree shapes
     "initial-small": ("initial copy, 20,000 files of 0-16 KiB, {} tree", 20_000, 16 * 1024,
                       dict(replica_from_source=False)),
     "no-change-100k": ("no-change pass, 100,000 empty files, {} tree", 100_000, 0,
-                       dict(restore=False, references=FIDELITY)),
+                       dict(restore=False, references=FIDELITY, others=FLOORS)),
     "incremental-100k": ("100,000 files, 1% modified, deleted, added, {} tree", 100_000, 1024,
                          dict(mutate=change_one_percent_each, references=FIDELITY)),
 }
@@ -432,7 +499,14 @@ def main() -> None:
                              "(default: as a script, compiled at every start)")
     parser.add_argument("--root", default="/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir(),
                         help="where to build the trees (default: /dev/shm, a tmpfs)")
+    parser.add_argument("--floor", nargs=2, metavar=("SRC", "DST"),
+                        help="run only the Python floor of a no-change pass over SRC and DST (see floor_pass)")
+    parser.add_argument("--floor-processes", type=int, default=os.cpu_count() or 1, metavar="N")
+    parser.add_argument("--floor-xattrs", action="store_true")
     args = parser.parse_args()
+    if args.floor:
+        floor_pass(*args.floor, args.floor_xattrs, args.floor_processes)
+        return
     base = Path(tempfile.mkdtemp(prefix="syncpy-bench-", dir=args.root))
     if args.installed:
         cache_bytecode()
