@@ -31,11 +31,14 @@ holding every file).  NAS cases put the replica (nas-source-*: the source)
 behind ../shared/slowfs (a FUSE file system adding latency per request;
 built here when gcc and libfuse3 are installed, mounted afresh before every
 run) and also run an 8-way parallel rsync, one per top-level entry, as a
-reference.  No-change cases also run the "Python floor" (floor_pass): the
-system calls any no-change pass must make, lstat of every entry on both
-sides (and listxattr, sync.py's default), spread over as many processes as
-there are CPUs, from Python and with nothing else; its ratio says how much
-of sync.py's time its own work adds, and how near rsync Python can come.
+reference.  No-change and first-copy cases also run a "Python floor": the
+system calls any such pass must make, from Python, spread over as many
+processes as there are CPUs, and nothing else.  For a no-change pass
+(floor_pass) lstat of every entry on both sides (and listxattr, which
+sync.py makes by default); for a first copy (floor_copy) each file copied
+to a temporary name and renamed into place, with its mode, times and a log
+line.  Its ratio says how much of sync.py's time its own work adds, and
+how near to rsync a Python program can come on this machine at all.
 
 Wall time is taken around each run; CPU time and peak RSS come from GNU
 time's %U, %S and %M where it is installed, else from wait4() of a child
@@ -208,8 +211,8 @@ def floor_pass(src: str, dst: str, xattrs: bool, processes: int) -> None:
                 os.listxattr(name, follow_symlinks=False)
         return found, folders
 
-    def walk(share: int) -> int:
-        differ, stack, flags = 0, [""], os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
+    def walk(share: int) -> None:
+        stack, flags = [""], os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
         while stack:
             rel = stack.pop()
             sd, dd = os.open(os.path.join(src, rel), flags), os.open(os.path.join(dst, rel), flags)
@@ -217,12 +220,66 @@ def floor_pass(src: str, dst: str, xattrs: bool, processes: int) -> None:
             theirs, _ = side(dd, share)
             for name, st in ours.items():
                 other = theirs.get(name)
-                differ += other is None or (other.st_size, other.st_mtime_ns) != (st.st_size, st.st_mtime_ns)
+                if other is None or (other.st_size, other.st_mtime_ns) != (st.st_size, st.st_mtime_ns):
+                    raise SystemExit(f"the floor is for no-change passes: {rel}/{name} differs")
             stack.extend(os.path.join(rel, name) for name in folders)
             os.close(sd)
             os.close(dd)
-        return differ
 
+    _in_processes(walk, processes)
+
+
+def floor_copy(src: str, dst: str, log: str, processes: int) -> None:
+    """The least a first copy in Python can do as safely as sync.py, and
+    log as it does: PROCESSES processes share the files out by name as
+    floor_pass does (folders are made by each that meets them); each file
+    is opened without following a link, written to a new temporary name
+    (copy_file_range), given its mode and times, renamed into place, and
+    logged with a line of its own (LOG appended to, checked before each
+    line as sync.py checks for logrotate).  Nothing else: no decisions,
+    no owners, no extended attributes, no folders' own attributes."""
+    def walk(share: int) -> None:
+        out = open(log, "a", encoding="utf-8")
+        stack = [""]
+        while stack:
+            rel = stack.pop()
+            here, there = os.path.join(src, rel), os.path.join(dst, rel)
+            with os.scandir(here) as listing:
+                items = list(listing)
+            for item in items:
+                target = os.path.join(there, item.name)
+                if item.is_dir(follow_symlinks=False):
+                    os.makedirs(target, exist_ok=True)
+                    stack.append(os.path.join(rel, item.name))
+                    continue
+                if hash(item.name) % processes != share:
+                    continue
+                st = item.stat(follow_symlinks=False)
+                temp = os.path.join(there, f".floor-{share}.tmp")
+                fin = os.open(item.path, os.O_RDONLY | os.O_NOFOLLOW)
+                fout = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+                left = st.st_size
+                while left > 0:
+                    copied = os.copy_file_range(fin, fout, left)
+                    if not copied:
+                        break
+                    left -= copied
+                os.chmod(fout, st.st_mode & 0o7777)
+                os.utime(fout, ns=(st.st_atime_ns, st.st_mtime_ns))
+                os.close(fin)
+                os.close(fout)
+                os.rename(temp, target)
+                os.stat(log)
+                now = time.time()
+                out.write(f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(now))}.{int(now % 1 * 1000):03d} "
+                          f"INFO    copied {os.path.join(rel, item.name)} ({st.st_size} bytes)\n")
+                out.flush()
+
+    _in_processes(walk, processes)
+
+
+def _in_processes(walk, processes: int) -> None:
+    """walk(share) for each share in a forked process of its own; exits 1 if one fails."""
     children = []
     for share in range(processes):
         pid = os.fork()
@@ -238,13 +295,14 @@ def floor_pass(src: str, dst: str, xattrs: bool, processes: int) -> None:
         sys.exit(1)
 
 
-def floor_command(xattrs: bool):
-    """A function of the source and the replica giving the floor_pass command."""
-    return lambda src, dst: [sys.executable, __file__, "--floor", str(src), str(dst), "--floor-processes",
-                             str(os.cpu_count() or 1), *(["--floor-xattrs"] if xattrs else [])]
+def floor_command(what: str):
+    """A function of the source and the replica giving the command of a floor (see --floor)."""
+    return lambda src, dst: [sys.executable, __file__, "--floor", what, str(src), str(dst)]
 
 
-FLOORS = {"Python floor: lstat": floor_command(False), "Python floor: lstat, listxattr": floor_command(True)}
+FLOORS = {"Python floor: lstat": floor_command("lstat"),
+          "Python floor: lstat, listxattr": floor_command("listxattr")}
+COPY_FLOOR = {"Python floor: safe copy, log line": floor_command("copy")}
 
 
 GIB_FILES = 8, 128 * 1024 * 1024  # 1 GiB as 8 files of 128 MiB
@@ -252,7 +310,7 @@ GIB_FILES = 8, 128 * 1024 * 1024  # 1 GiB as 8 files of 128 MiB
 CASES = {
     "initial-small": Case("initial copy, 20,000 files of 0-16 KiB in 400 directories",
                           lambda s: build_small_files(s, 20_000, 400, 16 * 1024),
-                          replica_from_source=False),
+                          replica_from_source=False, others=COPY_FLOOR),
     # --fsync costs a disk flush per file and per changed folder: measure it
     # where flushes are real (--root on a disk file system, not tmpfs).
     "initial-small-fsync": Case("initial copy, 20,000 files of 0-16 KiB, --fsync (rsync --fsync)",
@@ -306,7 +364,7 @@ CASES = {
 
 SHAPED = {  # the small-file cases, each also in the other tree shapes
     "initial-small": ("initial copy, 20,000 files of 0-16 KiB, {} tree", 20_000, 16 * 1024,
-                      dict(replica_from_source=False)),
+                      dict(replica_from_source=False, others=COPY_FLOOR)),
     "no-change-100k": ("no-change pass, 100,000 empty files, {} tree", 100_000, 0,
                        dict(restore=False, references=FIDELITY, others=FLOORS)),
     "incremental-100k": ("100,000 files, 1% modified, deleted, added, {} tree", 100_000, 1024,
@@ -499,13 +557,18 @@ def main() -> None:
                              "(default: as a script, compiled at every start)")
     parser.add_argument("--root", default="/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir(),
                         help="where to build the trees (default: /dev/shm, a tmpfs)")
-    parser.add_argument("--floor", nargs=2, metavar=("SRC", "DST"),
-                        help="run only the Python floor of a no-change pass over SRC and DST (see floor_pass)")
-    parser.add_argument("--floor-processes", type=int, default=os.cpu_count() or 1, metavar="N")
-    parser.add_argument("--floor-xattrs", action="store_true")
+    parser.add_argument("--floor", nargs=3, metavar=("KIND", "SRC", "DST"),
+                        help="run only a Python floor over SRC and DST, in as many processes as there are CPUs: "
+                             "lstat or listxattr (a no-change pass, see floor_pass), or copy (a first copy, "
+                             "see floor_copy, logging to DST's parent/floor.log)")
     args = parser.parse_args()
     if args.floor:
-        floor_pass(*args.floor, args.floor_xattrs, args.floor_processes)
+        kind, src, dst = args.floor
+        processes = os.cpu_count() or 1
+        if kind == "copy":
+            floor_copy(src, dst, os.path.join(os.path.dirname(os.path.abspath(dst)), "floor.log"), processes)
+        else:
+            floor_pass(src, dst, kind == "listxattr", processes)
         return
     base = Path(tempfile.mkdtemp(prefix="syncpy-bench-", dir=args.root))
     if args.installed:
