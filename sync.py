@@ -2339,10 +2339,15 @@ class _Listing(NamedTuple):
     failure: Optional[tuple] = None  # (what could not be done, OSError)
     src_x: dict = _NO_XATTRS  # name -> extended attributes, for source entries that have any
     dst_x: dict = _NO_XATTRS  # the same for the replica entries of those names
-    # Names of regular files on both sides, not examined yet and not in src
-    # or dst: left to the folder's slices (see SLICE_MIN).  Never temporary
-    # names (those are examined here, to be skipped and removed).
+    # Names of regular files listed on both sides (or fresh, below), not
+    # examined yet and not in src or dst: left to the folder's slices (see
+    # BIG_FOLDER).  Never temporary names (those are examined here, to be
+    # skipped and removed).
     unexamined: set = frozenset()
+    # Among them, those of regular files only the source lists: left to the
+    # slices too where the replica lists no name the source lacks (so no
+    # replica entry could be a new file's old name, see _match_moves).
+    fresh: set = frozenset()
 
 
 class _Plan(NamedTuple):
@@ -2364,7 +2369,7 @@ class _Plan(NamedTuple):
     clashes: list = []  # sorted groups of names it would store as one entry: none is written
     recased: list = []  # (old, new): replica entries whose name differs from the source's in case only
     unlinked: list = []  # symbolic links not mirrored (Options.links, or REPLICA cannot store them)
-    later: list = []  # files listed on both sides and not examined (_Listing.unexamined) the slices mirror
+    later: list = []  # files not examined (_Listing.unexamined, fresh ones included) the slices mirror
 
 
 def _sort_out(listing: _Listing, options: Options, is_root: bool, replica_exists: bool,
@@ -2380,7 +2385,7 @@ def _sort_out(listing: _Listing, options: Options, is_root: bool, replica_exists
     later = listing.unexamined
     if later and patterns:
         src = {**src, **dict.fromkeys(later, _UNEXAMINED)}
-        dst = {**dst, **dict.fromkeys(later, _UNEXAMINED)}
+        dst = {**dst, **dict.fromkeys(later - listing.fresh, _UNEXAMINED)}
         later = ()
     all_dst = dst
     if patterns:
@@ -2430,8 +2435,12 @@ def _sort_out(listing: _Listing, options: Options, is_root: bool, replica_exists
         # (A file with other names goes to the hard-link phase, which
         # compares it against its own name only.)
         recasing_to = set(recasing.values())
+        # (Nor a file left to the slices, not examined: the replica then
+        # lists no name the source lacks, so a gone entry is one the
+        # source's of its name replaces, excluded or not mirrored, and new
+        # files are copied rather than matched to it.)
         new = {n: e for n, e in wanted.items() if n not in dst and n not in keep and n not in recasing_to
-               and not (options.hard_links and e.kind == FILE and e.st.st_nlink > 1)}
+               and e is not _UNEXAMINED and not (options.hard_links and e.kind == FILE and e.st.st_nlink > 1)}
         moves = _match_moves(gone, new, stores)
     # An empty SOURCE allowed to be empty may empty REPLICA: that is what it asks for.
     doomed = []
@@ -3214,7 +3223,7 @@ def _list_pair(frame, keep: Keep, slice_min: int = 0) -> _Listing:
 def _list_pair_for_slices(frame, keep: Keep, slice_min: int) -> _Listing:
     """_list_pair where a big folder's files may be left to its slices:
     both sides are listed first (file types only), and only what the
-    slices do not take is examined here."""
+    slices do not take is examined here (see _Listing.unexamined)."""
     listed = {}
     for side, d, what in (("src", frame.sd, "list directory"), ("dst", frame.dd, "list replica directory")):
         try:
@@ -3222,11 +3231,16 @@ def _list_pair_for_slices(frame, keep: Keep, slice_min: int) -> _Listing:
                 listed[side] = list(listing)
         except OSError as err:
             return _Listing(frame.rel, failure=(what, err))
-    unexamined = set()
+    unexamined, fresh = set(), set()
     if len(listed["src"]) >= slice_min:
         files = {side: _listed_files(items) for side, items in listed.items()}
         unexamined = files["src"].keys() & files["dst"].keys()
+        src_names = {item.name for item in listed["src"]}
+        if all(item.name in src_names for item in listed["dst"]):  # a first copy, or files added
+            fresh = files["src"].keys() - {item.name for item in listed["dst"]}
+            unexamined |= fresh
         unexamined -= {name for name in unexamined if name.startswith(TEMP_PREFIX)}  # skipped, removed: here
+        fresh &= unexamined
         for side, items in listed.items():  # the rest, in the order listed
             rest = [] if len(files[side]) == len(items) else [item for item in items if item.name not in files[side]]
             if len(files[side]) > len(unexamined):
@@ -3239,7 +3253,7 @@ def _list_pair_for_slices(frame, keep: Keep, slice_min: int) -> _Listing:
         src_x = _list_xattrs(frame.sd, src, keep, unreadable)
         dst_x = _list_xattrs(frame.dd, dst, keep, dst_unreadable, src)
     return _Listing(frame.rel, src, unreadable, dst, dst_unreadable, src_x=src_x, dst_x=dst_x,
-                    unexamined=unexamined)
+                    unexamined=unexamined, fresh=fresh)
 
 
 class _MassDeletionGuard:
@@ -3786,7 +3800,7 @@ class _Walk:
 
     def sync_slices(self, frame, steps: list, unexamined: list, moved: dict, checksum: bool) -> None:
         """A big folder's file steps (see sync_files), with the files listed
-        on both sides and not examined yet (unexamined, in any order).  Below
+        and not examined yet (unexamined, in any order: see _Listing).  Below
         SLICE_MIN names this process mirrors them all, part by part; from
         SLICE_MIN, they are cut by name into one slice per worker process:
         forked processes examine and mirror every slice but the first, which
@@ -3874,8 +3888,8 @@ class _Walk:
                 os.waitpid(pid, 0)
 
     def mirror_slice(self, frame, steps: list, unexamined: list, moved: dict, checksum: bool) -> None:
-        """One slice of a big folder (see sync_slices): its files listed on
-        both sides (unexamined, sorted) and its steps decided already (in
+        """One slice of a big folder (see sync_slices): its files listed and
+        not examined (unexamined, sorted) and its steps decided already (in
         name order), mirrored SLICE_CHUNK names at a time, in name order."""
         if not unexamined:
             self.mirror_names(frame, steps, [], moved, checksum)
@@ -3890,9 +3904,9 @@ class _Walk:
             start = end
 
     def mirror_names(self, frame, steps: list, unexamined: list, moved: dict, checksum: bool) -> None:
-        """Part of a slice (see mirror_slice): examine its files listed on
-        both sides, decide what they need, and carry that out together with
-        its steps decided already, in name order."""
+        """Part of a slice (see mirror_slice): examine its files listed and
+        not examined yet, decide what they need, and carry that out together
+        with its steps decided already, in name order."""
         src, dst, failed, dst_failed = {}, {}, [], []
         # Once per file, as _examine: kept lean.
         lstat, at, sd, dd, regular, make = os.lstat, _at, frame.sd, frame.dd, stat.S_ISREG, tuple.__new__
@@ -3913,7 +3927,7 @@ class _Walk:
                 path, fd = at(dd, name)
                 have = lstat(path, dir_fd=fd)
             except FileNotFoundError:
-                have = None  # copied, as if it had not been listed
+                have = None  # copied (a fresh file; or one gone since it was listed)
             except OSError as err:
                 self.fail(_join(frame.rel, name), "examine replica entry", err)
                 continue

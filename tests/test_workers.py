@@ -271,13 +271,15 @@ def cut_small_folders(monkeypatch, slices_from=10):
     monkeypatch.setattr(sync, "SLICE_MIN", slices_from)
 
 
-def note_slices(monkeypatch, path):
-    """Append a line to path for each slice mirrored, in whichever process."""
+def note_slices(monkeypatch, path, unexamined_only=False):
+    """Append a line to path for each slice mirrored, in whichever process:
+    the folder and the names it takes (unexamined_only: of them, those the
+    folder's planner had not examined)."""
     real = sync._Walk.mirror_slice
 
     def mirror_slice(self, frame, steps, unexamined, *args):
         with open(path, "a") as f:
-            f.write(f"{frame.rel} {len(steps) + len(unexamined)}\n")
+            f.write(f"{frame.rel} {len(unexamined) if unexamined_only else len(steps) + len(unexamined)}\n")
         return real(self, frame, steps, unexamined, *args)
 
     monkeypatch.setattr(sync._Walk, "mirror_slice", mirror_slice)
@@ -352,6 +354,42 @@ def test_a_big_folder_cut_into_slices_gives_the_same_events_in_the_same_order(tm
     # below SLICE_MIN, one slice each, in this process.
     slices = (tmp_path / "slices").read_text().split("\n")[:-1]
     assert len(slices) == 4 * parts and {line.split()[0] for line in slices} == {"flat"}, slices
+
+
+@pytest.mark.parametrize("parts", [3, 1])
+def test_new_files_of_a_big_folder_go_to_its_slices_unless_a_replica_name_could_be_their_old_one(
+        tmp_path, monkeypatch, parts):
+    # A first copy, and files added with none removed: the folder's planner
+    # examines none of the new files, the slices do.  Once the replica holds
+    # a name the source lacks, a new file may be it renamed: the planner
+    # examines the new files then, and matches the rename.
+    cut_small_folders(monkeypatch, slices_from=10 if parts == 3 else 1000)
+    monkeypatch.setattr(sync, "SLICE_CHUNK", 3)
+    note_slices(monkeypatch, tmp_path / "slices", unexamined_only=True)
+    results = {}
+    for workers in (1, 3):
+        src, dst = tmp_path / f"src{workers}", tmp_path / f"dst{workers}"
+        make_tree(src, FLAT)
+        runs, examined = [], []
+        for change in ("first copy", "added", "renamed"):
+            if change == "added":
+                for i in range(60, 70):
+                    (src / "flat" / f"f{i:03}").write_text(f"new {i}")
+            elif change == "renamed":
+                os.rename(src / "flat" / "f065", src / "flat" / "g065")
+            (tmp_path / "slices").write_text("")
+            runs.append(sync_once(src, dst, workers=workers))
+            assert runs[-1][0].exact
+            assert_mirror(src, dst)
+            examined.append(sum(int(line.split()[1]) for line in (tmp_path / "slices").read_text().splitlines()))
+        results[workers] = [(r.counts, r.bytes_copied, [(e.action, e.path, e.detail) for e in events])
+                            for r, events in runs]
+        # One process has no slices.  With them: the 61 files copied (60
+        # and "c"), then those and the 10 added; then the 70 on both sides
+        # (g065, new, is the planner's, which finds it is f065 renamed).
+        assert examined == ([0, 0, 0] if workers == 1 else [61, 71, 70])
+    assert results[3] == results[1]
+    assert ("move", "flat/g065", "flat/f065") in results[1][2][2]
 
 
 def test_a_slice_whose_process_dies_costs_only_that_slice(tmp_path, src, dst, monkeypatch):
