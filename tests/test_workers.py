@@ -419,38 +419,55 @@ def test_a_slice_whose_process_dies_costs_only_that_slice(tmp_path, src, dst, mo
     assert_mirror(src, dst)
 
 
-@pytest.mark.parametrize("change", ["vanished", "became a folder", "replica became a folder"])
-def test_a_file_that_changes_between_the_listing_and_its_slice_waits_for_the_next_pass(src, dst, monkeypatch,
-                                                                                       change):
+@pytest.mark.parametrize("fresh", [False, True], ids=["on both sides", "new"])
+@pytest.mark.parametrize("change", ["vanished", "became a folder", "replica became a folder",
+                                    "replica became a link"])
+def test_a_file_that_changes_between_the_listing_and_its_slice_waits_for_the_next_pass(tmp_path, src, dst,
+                                                                                       monkeypatch, change, fresh):
+    # fresh: f20-f29 are new, left to the slices unexamined as well.  A
+    # link put in the replica in its place is never written through.
     cut_small_folders(monkeypatch)
-    make_tree(src, {f"f{i:02}": str(i) for i in range(30)})
+    make_tree(src, {f"f{i:02}": str(i) for i in range(20 if fresh else 30)})
     sync_once(src, dst, workers=2)
+    for i in range(20, 30 if fresh else 20):
+        (src / f"f{i}").write_text(str(i))
+    outside = tmp_path / "outside"
+    outside.write_text("not the replica's")
     real = sync._list_pair_for_slices
 
     def list_then_change(frame, keep, slice_min):
         listing = real(frame, keep, slice_min)
+        assert ("f20" in listing.fresh) == fresh and "f20" in listing.unexamined
         if change == "vanished":
             (src / "f20").unlink()
         elif change == "became a folder":
             (src / "f20").unlink()
             (src / "f20").mkdir()
         else:
-            (dst / "f20").unlink()
-            (dst / "f20").mkdir()
+            if not fresh:
+                (dst / "f20").unlink()
+            if change == "replica became a folder":
+                (dst / "f20").mkdir()
+            else:
+                (dst / "f20").symlink_to(outside)
         return listing
 
     monkeypatch.setattr(sync, "_list_pair_for_slices", list_then_change)
     result, events = sync_once(src, dst, workers=2)
-    said = [(e.action, e.path, e.detail) for e in events]
+    said = [(e.action, e.path, e.detail) for e in events if e.path == "f20"]
+    replaced = ("error", "f20", "the replica file was replaced by another kind of entry during the pass; "
+                                "the next pass mirrors it")
     assert said == {"vanished": [("vanished", "f20", "")],
                     "became a folder": [("changed", "f20", "no longer a regular file")],
-                    "replica became a folder": [("error", "f20", "the replica file was replaced by another kind of "
-                                                                 "entry during the pass; the next pass mirrors it")],
-                    }[change]
+                    "replica became a folder": [replaced], "replica became a link": [replaced]}[change]
+    copied = {e.path for e in events if e.action in ("copy", "update")}
+    assert copied == ({f"f{i}" for i in range(21, 30)} if fresh else set())
+    assert outside.read_text() == "not the replica's"
     assert not result.exact
     monkeypatch.undo()
     assert sync_once(src, dst, workers=2)[0].exact
     assert_mirror(src, dst)
+    assert outside.read_text() == "not the replica's"
 
 
 def test_a_stop_request_reaches_the_slices(src, dst, monkeypatch):
