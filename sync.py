@@ -3332,6 +3332,7 @@ class _Walk:
         self.source_latency = 0.0  # seconds SOURCE takes to open a folder, where slow (Mirror probes it)
         self.donor = None  # in a worker process: its _Donor, asked after each folder whether to hand one over
         self.slice_min = 0  # the entries that make a folder big (BIG_FOLDER; 0: none is)
+        self.between_parts = None  # while this process mirrors a slice others mirror too: see sync_slices
         self.report_by = 0.0  # time.monotonic() by which finished file work is reported (REPORT_EVERY)
         now = time.time()  # names this pass's trash folder; workers inherit it
         self.trash_stamp = time.strftime("%Y-%m-%d_%H%M%S", time.localtime(now)) + f".{int(now * 1000) % 1000:03d}"
@@ -3804,10 +3805,10 @@ class _Walk:
         SLICE_MIN names this process mirrors them all, part by part; from
         SLICE_MIN, they are cut by name into one slice per worker process:
         forked processes examine and mirror every slice but the first, which
-        this process does; their lines are reported after its own, slice by
-        slice, as one process would have.  Each slice only reads the
-        folder's listing and writes files: renames, removals and subfolders
-        are done before."""
+        this process does; their lines, sent as they come, are reported
+        after its own, slice by slice, as one process would have.  Each
+        slice only reads the folder's listing and writes files: renames,
+        removals and subfolders are done before."""
         if self.stopping():
             return
         unexamined.sort()
@@ -3835,6 +3836,7 @@ class _Walk:
         import mmap
         stop = mmap.mmap(-1, 1)  # shared: 1 asks the slices to stop, 2 at once
         owner, forked = os.getpid(), []
+        held, ended = {}, {}  # see take_in()
         try:
             for part_steps, part_names in parts[1:]:
                 reader, writer = connection.Pipe(duplex=False)
@@ -3845,47 +3847,80 @@ class _Walk:
                         reader.close()
                         for _, other in forked:
                             other.close()
-                        events = []
-                        # Asked to stop by this process only (it passes on
-                        # its own requests): the owner's own test would
-                        # take this process for an orphan.
-                        work = self.worker_pass(events.append,
-                                                should_stop=lambda: stop[0] != 0 or os.getppid() != owner,
-                                                abort=lambda: stop[0] == 2)
-                        work.mirror_slice(frame, part_steps, part_names, moved, checksum)
-                        work.do.stop_threads()
-                        writer.send((events, work.share(), frame.changed))
-                        code = 0
+                        code = self.serve_slice(writer, owner, stop, frame, part_steps, part_names, moved, checksum)
                     finally:
                         os._exit(code)
                 writer.close()
                 forked.append((pid, reader))
-            self.mirror_slice(frame, *parts[0], moved, checksum)
+            # What the slices send is taken in between this process's own
+            # parts, so that none waits long on a full pipe, and what a
+            # slice that dies had done is still reported.
+            self.between_parts = lambda: self.take_in(forked, held, ended)
+            try:
+                self.mirror_slice(frame, *parts[0], moved, checksum)
+            finally:
+                self.between_parts = None
             for pid, reader in forked:
-                message = None
-                while message is None:
+                while reader not in ended:
                     if self.stopping():
                         stop[0] = 2 if self.abort() else max(stop[0], 1)
-                    if connection.wait([reader], timeout=0.2):
-                        try:
-                            message = reader.recv()
-                        except (EOFError, OSError):  # it died
-                            break
+                    self.take_in([(pid, reader)], held, ended, timeout=0.2)
+                for event in held.pop(reader, ()):
+                    self.report(event)
+                message = ended[reader]
                 if message is None:
                     frame.changed = True  # not known
                     self.error(frame.rel, f"worker process {pid} ended unexpectedly while it mirrored files of "
                                           "this folder; the next pass retries what it had not done")
                     continue
-                events, share, changed = message
-                for event in events:
-                    self.report(event)
-                self.add(share)
-                frame.changed |= changed
+                self.add(message[2])
+                frame.changed |= message[3]
         finally:
             stop[0] = max(stop[0], 1)
             for pid, reader in forked:
                 reader.close()
                 os.waitpid(pid, 0)
+
+    def serve_slice(self, writer, owner: int, stop, frame, steps: list, unexamined: list, moved: dict,
+                    checksum: bool) -> int:
+        """A forked slice's life (see sync_slices): mirror it, sending its
+        events as they come (("events", [Event]), at least every
+        REPORT_EVERY while there are any, at most _FanOut.BATCH at once),
+        and last ("end", [Event], _Share, whether the folder changed)."""
+        events, sent = [], [time.monotonic()]
+
+        def report(event):
+            events.append(event)
+            if len(events) >= _FanOut.BATCH or time.monotonic() - sent[0] >= REPORT_EVERY:
+                writer.send(("events", events[:]))
+                events.clear()
+                sent[0] = time.monotonic()
+
+        # Asked to stop by the owner only (it passes on its own requests):
+        # the owner's own test would take this process for an orphan.
+        work = self.worker_pass(report, should_stop=lambda: stop[0] != 0 or os.getppid() != owner,
+                                abort=lambda: stop[0] == 2)
+        work.mirror_slice(frame, steps, unexamined, moved, checksum)
+        work.do.stop_threads()
+        writer.send(("end", events, work.share(), frame.changed))
+        return 0
+
+    @staticmethod
+    def take_in(forked: list, held: dict, ended: dict, timeout: float = 0.0) -> None:
+        """Take in what the slices' processes (forked: (pid, reader)) have
+        sent, waiting up to timeout for a first message: their events go to
+        held (reader -> [Event] not reported yet), and ended gets each
+        reader's last message, or None where its process died."""
+        for _, reader in forked:
+            try:
+                while reader not in ended and reader.poll(timeout):
+                    message = reader.recv()
+                    held.setdefault(reader, []).extend(message[1])
+                    if message[0] == "end":
+                        ended[reader] = message
+                    timeout = 0.0
+            except (EOFError, OSError):  # it died
+                ended[reader] = None
 
     def mirror_slice(self, frame, steps: list, unexamined: list, moved: dict, checksum: bool) -> None:
         """One slice of a big folder (see sync_slices): its files listed and
@@ -3898,6 +3933,8 @@ class _Walk:
         for first in range(0, len(unexamined), SLICE_CHUNK):
             if self.stopping():
                 return
+            if self.between_parts is not None:
+                self.between_parts()
             after = first + SLICE_CHUNK  # the next part's first name; the last part takes every step left
             end = len(steps) if after >= len(unexamined) else bisect.bisect_left(decided, unexamined[after])
             self.mirror_names(frame, steps[start:end], unexamined[first:after], moved, checksum)
@@ -4158,6 +4195,8 @@ class _Walk:
             finished += 1
         self.settle(frame, pending[:finished])
         del pending[:finished]
+        if self.between_parts is not None:  # (a part may be all copies: take in here too)
+            self.between_parts()
         self.report_by = time.monotonic() + REPORT_EVERY
 
     def settle(self, frame, pending: list) -> None:

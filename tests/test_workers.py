@@ -392,27 +392,50 @@ def test_new_files_of_a_big_folder_go_to_its_slices_unless_a_replica_name_could_
     assert ("move", "flat/g065", "flat/f065") in results[1][2][2]
 
 
-def test_a_slice_whose_process_dies_costs_only_that_slice(tmp_path, src, dst, monkeypatch):
+@pytest.mark.parametrize("dies", ["at its start", "midway"])
+def test_a_slice_whose_process_dies_costs_only_that_slice(tmp_path, src, dst, monkeypatch, dies):
+    # Slices of about 21 names: "c" and f000-f019, f020-f040, f041-f059.
+    # The second one's process dies before its first file, or as it is
+    # about to copy f030: the copies it had done are still reported
+    # (REPORT_EVERY 0: each sent at once).
     cut_small_folders(monkeypatch)
     make_tree(src, FLAT)
     sync_once(src, dst, workers=3)
     for i in range(60):
         (src / "flat" / f"f{i:03}").write_text(f"changed {i}")
-    real, owner = sync._Walk.mirror_slice, os.getpid()
+    owner = os.getpid()
+    if dies == "at its start":
+        real = sync._Walk.mirror_slice
 
-    def mirror_slice(self, frame, steps, unexamined, *args):
-        if os.getpid() != owner and "f025" in unexamined:  # the second slice's process
-            os.kill(os.getpid(), signal.SIGKILL)
-        return real(self, frame, steps, unexamined, *args)
+        def mirror_slice(self, frame, steps, unexamined, *args):
+            if os.getpid() != owner and "f025" in unexamined:  # the second slice's process
+                os.kill(os.getpid(), signal.SIGKILL)
+            return real(self, frame, steps, unexamined, *args)
 
-    monkeypatch.setattr(sync._Walk, "mirror_slice", mirror_slice)
+        monkeypatch.setattr(sync._Walk, "mirror_slice", mirror_slice)
+    else:
+        real_copy = sync._copy_file
+
+        def copy_file(sd, dd, name, *args, **kwargs):
+            if os.getpid() != owner and name == "f030":
+                os.kill(os.getpid(), signal.SIGKILL)
+            return real_copy(sd, dd, name, *args, **kwargs)
+
+        monkeypatch.setattr(sync, "_copy_file", copy_file)
+        monkeypatch.setattr(sync, "REPORT_EVERY", 0)
     result, events = sync_once(src, dst, workers=3)
     errors = [(e.path, e.detail) for e in events if e.action == "error"]
     assert len(errors) == 1 and errors[0][0] == "flat" and "ended unexpectedly" in errors[0][1]
     assert not result.exact
-    updated = {e.path for e in events if e.action == "update"}
-    assert "flat/f000" in updated and "flat/f059" in updated and "flat/f025" not in updated
-    assert (dst / "flat" / "f025").read_text() == "file 25"  # the old version, whole
+    updated = [e.path for e in events if e.action == "update"]
+    done = range(60) if dies == "at its start" else [*range(30), *range(41, 60)]
+    expected = [f"flat/f{i:03}" for i in done if not 20 <= i <= 40 or dies == "midway" and i < 30]
+    assert updated == expected
+    said = [(e.action, e.path) for e in events if e.action in ("update", "error")]
+    error = said.index(("error", "flat"))  # after the lines of the slice that died
+    assert said[error - 1:error + 2:2] == [("update", "flat/f029" if dies == "midway" else "flat/f019"),
+                                         ("update", "flat/f041")]
+    assert (dst / "flat" / "f030").read_text() == "file 30"  # the old version, whole
     assert leftover_temp_files(dst) == []
     monkeypatch.undo()
     assert sync_once(src, dst, workers=3)[0].exact
