@@ -3865,10 +3865,14 @@ class _Walk:
                     if self.stopping():
                         stop[0] = 2 if self.abort() else max(stop[0], 1)
                     self.take_in([(pid, reader)], held, ended, timeout=0.2)
-                for event in held.pop(reader, ()):
+                events = held.pop(reader, [])
+                for event in events:
                     self.report(event)
                 message = ended[reader]
                 if message is None:
+                    errors, copied = _tally(events, self.result.counts)  # what it reported is what it did
+                    self.result.errors += errors
+                    self.result.bytes_copied += copied
                     frame.changed = True  # not known
                     self.error(frame.rel, f"worker process {pid} ended unexpectedly while it mirrored files of "
                                           "this folder; the next pass retries what it had not done")
@@ -4706,6 +4710,27 @@ class _Share(NamedTuple):
     links: list
 
 
+def _tally(events: list, counts: Counter) -> tuple[int, int]:
+    """Count events in counts as emit() and error() counted them in the
+    process that sent them; returns (errors, bytes copied) among them.  For
+    a process that died, whose share of the pass never came."""
+    errors = copied = 0
+    for event in events:
+        if type(event) is not Event:
+            continue  # a _Later: where a folder handed over goes
+        action = event.action
+        if action == "debug":
+            continue  # (explain() reports without counting)
+        counts[action] += 1
+        if event.trash:
+            counts["trash"] += 1
+        if action == "error":
+            errors += 1
+        elif action in ("copy", "update") and event.detail.isdigit():
+            copied += int(event.detail)
+    return errors, copied
+
+
 class _Worker:
     """The parent's view of one worker process."""
 
@@ -4717,6 +4742,9 @@ class _Worker:
         self.told_done = False  # it was told there are no more
         self.finished = False  # its share has arrived
         self.checked = 0  # source entries it has examined
+        # Its events so far, counted (see _tally), for the pass's result if
+        # it dies before its share comes: counts, errors, bytes copied.
+        self.counts, self.errors, self.bytes_copied = Counter(), 0, 0
 
 
 class _Order:
@@ -5008,6 +5036,12 @@ class _FanOut:
         self.asking, self.given = number, False
         struct.pack_into("I", self.hungry, 0, number)
 
+    @staticmethod
+    def count(w: _Worker, events: list) -> None:
+        errors, copied = _tally(events, w.counts)
+        w.errors += errors
+        w.bytes_copied += copied
+
     def collect(self) -> None:
         """The parent's side: hand out tasks, merge what comes back."""
         main, order = self.main, self.order
@@ -5021,6 +5055,9 @@ class _FanOut:
                 except (EOFError, OSError):  # the worker has ended
                     del alive[conn]
                     if not w.finished:
+                        main.result.counts.update(w.counts)  # what it reported is what it did
+                        main.result.errors += w.errors
+                        main.result.bytes_copied += w.bytes_copied
                         main.error("", f"worker process {w.pid} ended unexpectedly; "
                                        "the next pass retries what it had not done")
                         # Lost: the task it was walking (it may be what killed
@@ -5042,11 +5079,13 @@ class _FanOut:
                     continue
                 _, finished, task, events, w.checked = message
                 for index, held in finished:
+                    self.count(w, held)
                     order.add(index, held, True)
                     w.tasks.popleft()  # it walks its tasks in the order handed
                     if index == w.ranges[0]:
                         w.ranges.popleft()
                 if events:
+                    self.count(w, events)
                     order.add(task, events, False)
                 if main.progress is not None:
                     main.progress(main.result.checked + sum(x.checked for x in self.workers))

@@ -4,6 +4,7 @@ a worker that dies costs only its own work."""
 import os
 import signal
 import time
+from collections import Counter
 
 import pytest
 
@@ -194,6 +195,13 @@ def test_subtrees_handed_out_in_ranges_give_the_same_events_in_the_same_order(tm
     assert len(results[2][0]) == 240 * 4
 
 
+def assert_counted(result, events):
+    """The pass's counts and bytes are those of the events it reported."""
+    assert result.counts == Counter(e.action for e in events if e.action != "debug")
+    assert result.errors == result.counts["error"]
+    assert result.bytes_copied == sum(int(e.detail) for e in events if e.action in ("copy", "update"))
+
+
 def test_a_worker_killed_in_a_range_costs_only_the_subtree_it_was_walking(src, dst, monkeypatch):
     make_tree(src, MANY)
     parent, real_enter = os.getpid(), sync._Walk.enter
@@ -207,6 +215,7 @@ def test_a_worker_killed_in_a_range_costs_only_the_subtree_it_was_walking(src, d
     result, events = sync_once(src, dst, workers=2)
     errors = [e.detail for e in events if e.action == "error"]
     assert len(errors) == 1 and "ended unexpectedly" in errors[0]
+    assert_counted(result, events)  # what it reported before it died included
     # The other subtrees of its ranges, those it had walked and not yet
     # reported included, are mirrored: walked here after it died.
     assert sorted(os.listdir(dst / "d150")) == []
@@ -431,6 +440,7 @@ def test_a_slice_whose_process_dies_costs_only_that_slice(tmp_path, src, dst, mo
     done = range(60) if dies == "at its start" else [*range(30), *range(41, 60)]
     expected = [f"flat/f{i:03}" for i in done if not 20 <= i <= 40 or dies == "midway" and i < 30]
     assert updated == expected
+    assert_counted(result, events)
     said = [(e.action, e.path) for e in events if e.action in ("update", "error")]
     error = said.index(("error", "flat"))  # after the lines of the slice that died
     assert said[error - 1:error + 2:2] == [("update", "flat/f029" if dies == "midway" else "flat/f019"),
