@@ -3243,7 +3243,8 @@ def _list_pair_for_slices(frame, keep: Keep, slice_min: int) -> _Listing:
         fresh &= unexamined
         for side, items in listed.items():  # the rest, in the order listed
             rest = [] if len(files[side]) == len(items) else [item for item in items if item.name not in files[side]]
-            if len(files[side]) > len(unexamined):
+            # (Of the replica's files, the fresh names are none.)
+            if len(files[side]) > len(unexamined) - (len(fresh) if side == "dst" else 0):
                 rest += [files[side][name] for name in files[side].keys() - unexamined]
             listed[side] = rest
     src, unreadable = _examine(frame.sd, listed["src"])

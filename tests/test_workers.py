@@ -401,6 +401,33 @@ def test_new_files_of_a_big_folder_go_to_its_slices_unless_a_replica_name_could_
     assert ("move", "flat/g065", "flat/f065") in results[1][2][2]
 
 
+@pytest.mark.parametrize("parts", [3, 1])
+@pytest.mark.parametrize("became", ["a folder", "a link", "a FIFO"])
+def test_a_replica_file_whose_name_is_now_another_kind_goes_while_new_files_come(tmp_path, monkeypatch, became,
+                                                                                  parts):
+    # The new files go to the slices unexamined (the replica lists no name
+    # the source lacks); the replica's f05 must still be examined, and go.
+    cut_small_folders(monkeypatch, slices_from=10 if parts == 3 else 1000)
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    make_tree(src, {f"f{i:02}": str(i) for i in range(30)})
+    sync_once(src, dst, workers=3)
+    (src / "f05").unlink()
+    if became == "a folder":
+        (src / "f05").mkdir()
+        (src / "f05" / "inside").write_text("inside")
+    elif became == "a link":
+        (src / "f05").symlink_to("f06")
+    else:
+        os.mkfifo(src / "f05")
+    for i in range(10):
+        (src / f"n{i:02}").write_text(f"new {i}")
+    result, events = sync_once(src, dst, workers=3)
+    assert [e for e in events if e.action == "error"] == []
+    assert result.exact
+    assert_mirror(src, dst)  # (a FIFO is never mirrored: its name is gone from the replica)
+    assert not (became == "a FIFO" and os.path.lexists(dst / "f05"))
+
+
 @pytest.mark.parametrize("dies", ["at its start", "midway"])
 def test_a_slice_whose_process_dies_costs_only_that_slice(tmp_path, src, dst, monkeypatch, dies):
     # Slices of about 21 names: "c" and f000-f019, f020-f040, f041-f059.
