@@ -1,6 +1,7 @@
 """Benchmark sync.py against rsync on the same trees, in the same run.
 
     python3 tests/benchmark.py [--repeat N] [--root DIR] [--sync-args ARGS] [--installed] [CASE ...]
+    python3 tests/benchmark.py --floor lstat|listxattr|copy SRC DST     (one Python floor alone)
 
 Trees are built deterministically on tmpfs (/dev/shm where it exists, else the
 system temp folder; the output says which), so the tools are measured and not
@@ -564,6 +565,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.floor:
         kind, src, dst = args.floor
+        if kind not in ("lstat", "listxattr", "copy"):
+            parser.error(f"--floor: KIND is lstat, listxattr or copy, not {kind!r}")
         processes = os.cpu_count() or 1
         if kind == "copy":
             floor_copy(src, dst, os.path.join(os.path.dirname(os.path.abspath(dst)), "floor.log"), processes)
